@@ -1,0 +1,34 @@
+"""unilora_hf: Uni-LoRA (arXiv 2506.00799) adapters for the Hugging Face stack.
+
+One trained vector θ_d per model; every adapted layer's LoRA matrices are read out of it through a
+fixed, seeded, isometric projection, so an adapter is θ_d plus a seed.
+"""
+
+from .auto import UniLoraAutoModel
+from .config import UniLoraConfig
+from .errors import AdapterFormatError, AdapterStateError, LayoutMismatchError, UniLoraError
+from .layer import UniLoraLinear
+from .model import UniLoraAdapter, get_adapter, has_adapter, inject_adapter
+from .peft_export import export_lora
+from .projection import Projection
+from .serialization import read_adapter, save_adapter
+from .version import __version__
+
+__all__ = [
+    "AdapterFormatError",
+    "AdapterStateError",
+    "LayoutMismatchError",
+    "Projection",
+    "UniLoraAdapter",
+    "UniLoraAutoModel",
+    "UniLoraConfig",
+    "UniLoraError",
+    "UniLoraLinear",
+    "__version__",
+    "export_lora",
+    "get_adapter",
+    "has_adapter",
+    "inject_adapter",
+    "read_adapter",
+    "save_adapter",
+]

@@ -1,0 +1,86 @@
+"""`UniLoraLinear`: the wrapper that replaces an adapted nn.Linear / Conv1D on the model instance.
+
+It holds the original module as ``base_layer`` (so unloading puts it back unchanged) and no parameter of
+its own: θ_d is registered once on the model root, which the layer reaches at call time. Output:
+``base_layer(x) + (dropout(x) Aᵀ) Bᵀ`` with (A, B) read out of θ_d through the projection, unless the
+adapter is merged into the base weight or disabled.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from . import reference
+from .layout import LayerSpec
+
+
+class UniLoraLinear(nn.Module):
+    def __init__(self, base_layer: nn.Module, spec: LayerSpec, root: nn.Module, dropout: float):
+        super().__init__()
+        self.base_layer = base_layer
+        self.unilora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.spec = spec
+        self.merged = False
+        # A plain reference, not a submodule: the root owns θ_d and must not become our child.
+        self.__dict__["_unilora_root"] = root
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    @property
+    def in_features(self) -> int:
+        return self.spec.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.spec.out_features
+
+    def lora_matrices(self) -> tuple[torch.Tensor, torch.Tensor]:
+        root = self._unilora_root
+        return reference.lora_matrices(root.unilora_theta_d, root.unilora_adapter.projection, self.spec)
+
+    def delta_weight(self) -> torch.Tensor:
+        """ΔW in float32, laid out like ``base_layer.weight``."""
+        A, B = self.lora_matrices()
+        return reference.delta_weight(A, B, self.spec.fan_in_fan_out)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self.merged or not self._unilora_root.unilora_adapter.enabled:
+            return result
+        A, B = self.lora_matrices()
+        lora = reference.lora_forward(self.unilora_dropout(x), A.to(x.device), B.to(x.device))
+        return (result + lora).to(result.dtype)
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        return f"r={s.r}, in={s.in_features}, out={s.out_features}, theta_D[{s.offset}:{s.offset + s.size}]"
+
+
+class ModulesToSave(nn.Module):
+    """A module trained in full: ``modules_to_save`` is a trainable copy, ``original_module`` the frozen
+    original that unloading puts back."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        import copy
+
+        self.original_module = module
+        self.modules_to_save = copy.deepcopy(module)
+        self.original_module.requires_grad_(False)
+        self.modules_to_save.requires_grad_(True)
+
+    def forward(self, *args, **kwargs):
+        return self.modules_to_save(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("modules_to_save"), name)
