@@ -1,0 +1,186 @@
+"""Publishing an adapter: the model card, and one all-or-nothing commit through huggingface_hub.
+
+``push_adapter`` uploads only the adapter's config and safetensors file plus README.md (and a small
+loss-curve SVG when a training history is given) in ONE ``create_commit``: the Hub applies a commit
+whole or not at all, so a failed push leaves the repo as it was and can simply be retried.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import tempfile
+from importlib import metadata, resources
+from pathlib import Path
+from typing import Any
+
+from .errors import AdapterFormatError
+from .projection import PEFT
+from .serialization import (
+    CONFIG_NAME, PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, WEIGHTS_NAME, AdapterFiles, read_adapter,
+)
+
+CARD_MARKER = "library_name: unilora_hf"
+PIPELINE_TAGS = {
+    "AutoModelForCausalLM": "text-generation",
+    "AutoModelForSequenceClassification": "text-classification",
+    "AutoModelForTokenClassification": "token-classification",
+    "AutoModelForQuestionAnswering": "question-answering",
+    "AutoModelForSeq2SeqLM": "text2text-generation",
+    "AutoModel": "feature-extraction",
+}
+
+
+def template_path() -> Path:
+    """hub_templates/adapter_card.md: in the source tree, or inside the installed wheel."""
+    local = Path(__file__).resolve().parents[1] / "hub_templates" / "adapter_card.md"
+    if local.is_file():
+        return local
+    return Path(str(resources.files("unilora_hf.hub_templates").joinpath("adapter_card.md")))
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in ("unilora_hf", "torch", "transformers", "huggingface_hub", "safetensors", "peft", "trl"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def _human(n: int) -> str:
+    return f"{n / 1024:.1f} KiB" if n < 1024**2 else f"{n / 1024**2:.1f} MiB"
+
+
+def loss_svg(history: list[tuple[int, float]], width: int = 480, height: int = 200) -> str:
+    """A small SVG line chart of (step, loss)."""
+    steps, losses = [s for s, _ in history], [l for _, l in history]
+    x0, x1, y0, y1 = min(steps), max(steps), min(losses), max(losses)
+    sx = (width - 60) / max(x1 - x0, 1)
+    sy = (height - 40) / max(y1 - y0, 1e-12)
+    points = " ".join(f"{50 + (s - x0) * sx:.1f},{height - 25 - (l - y0) * sy:.1f}" for s, l in history)
+    return (
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
+        f'font-size="11"><rect width="100%" height="100%" fill="white"/>'
+        f'<polyline fill="none" stroke="#3b6ea5" stroke-width="1.5" points="{points}"/>'
+        f'<text x="50" y="12">training loss: {losses[0]:.4g} at step {x0} to {losses[-1]:.4g} at step {x1}</text>'
+        f'<text x="4" y="{height - 25}">{y0:.3g}</text><text x="4" y="25">{y1:.3g}</text>'
+        f'<text x="50" y="{height - 8}">step {x0}</text><text x="{width - 70}" y="{height - 8}">step {x1}</text></svg>\n'
+    )
+
+
+def render_card(files: AdapterFiles, repo_id: str, training_summary: dict | None = None,
+                base_params: int | None = None, license: str | None = None,
+                datasets: list[str] | None = None, adapter_bytes: int | None = None) -> str:
+    """The README.md of an adapter repo, rendered from hub_templates/adapter_card.md."""
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+    cfg, meta, base = files.config, files.meta, files.base_model
+    summary = training_summary or {}
+    base_id = base.get("name_or_path")
+    hub_base = base_id if base_id and not os.path.isabs(str(base_id)) and str(base_id).count("/") == 1 else None
+    auto_class = base.get("auto_class") or "AutoModel"
+    pipeline = PIPELINE_TAGS.get(auto_class)
+    metrics = summary.get("metrics") or {}
+    eval_results = [
+        EvalResult(task_type=pipeline or "other", dataset_type=(datasets or ["custom"])[0],
+                   dataset_name=(datasets or ["custom"])[0], metric_type=k.removeprefix("eval_"), metric_value=v)
+        for k, v in metrics.items() if isinstance(v, (int, float)) and k not in ("eval_runtime", "epoch")
+        and not k.endswith(("_per_second", "_runtime"))
+    ]
+    tags = ["unilora", "uni-lora", "lora", "adapter"] + (["peft"] if cfg.projection == PEFT else [])
+    card_data = ModelCardData(
+        base_model=hub_base, library_name="unilora_hf", pipeline_tag=pipeline, tags=tags,
+        license=license, datasets=datasets, eval_results=eval_results or None,
+        model_name=repo_id.split("/")[-1], base_model_relation="adapter" if hub_base else None,
+    )
+    trainable = cfg.theta_d_length + sum(t.numel() for t in files.tensors.values())
+    targets = cfg.target_modules if cfg.target_modules is not None else "architecture default"
+    card = ModelCard.from_template(
+        card_data, template_path=str(template_path()),
+        model_name=repo_id.split("/")[-1], base_model=hub_base, base_model_repr=repr(base_id or "BASE_MODEL_ID"),
+        repo_id_repr=repr(repo_id), repo_id_plain=repo_id, peft_loadable=cfg.projection == PEFT,
+        auto_class=auto_class, r=cfg.r, theta_d_length=cfg.theta_d_length, D=meta.get("D", 0),
+        projection=cfg.projection, projection_spec=meta.get("projection_spec", "peft-0.21"),
+        proj_seed=cfg.proj_seed, targets=targets, num_layers=meta.get("layout", {}).get("num_layers", "unknown"),
+        modules_to_save=", ".join(cfg.modules_to_save or []), trainable=trainable, base_params=base_params,
+        trainable_share=f"{100 * trainable / base_params:.4f}%" if base_params else "",
+        fingerprint=meta.get("layout", {}).get("fingerprint", "not recorded"),
+        hyperparameters=summary.get("hyperparameters") or {}, metrics=metrics,
+        loss_plot=bool(summary.get("loss_history")), versions=_versions(),
+        adapter_bytes_human=_human(adapter_bytes or 4 * cfg.theta_d_length),
+    )
+    text = str(card)
+    if "{{" in text or "{%" in text:
+        raise RuntimeError("the model card template left a Jinja expression unrendered")
+    return text.replace("![training loss](loss.png)", "![training loss](training_loss.svg)")
+
+
+def push_adapter(model_or_folder, repo_id: str, *, private: bool | None = None, token: str | None = None,
+                 revision: str | None = None, commit_message: str | None = None, create_pr: bool = False,
+                 endpoint: str | None = None, training_summary: dict[str, Any] | None = None,
+                 model=None, overwrite_card: bool = False, license: str | None = None,
+                 datasets: list[str] | None = None) -> str:
+    """Upload an adapter (a model carrying one, or a saved folder) to ``repo_id`` in one commit.
+
+    Creates the repo if needed. Uploads the adapter config and safetensors file, README.md (rendered
+    from the template unless the repo already has a README that is not ours and ``overwrite_card`` is
+    False) and, when ``training_summary`` has a loss history, ``training_loss.svg``. Returns the commit
+    URL (the pull-request URL with ``create_pr=True``).
+    """
+    from huggingface_hub import CommitOperationAdd, HfApi
+    from huggingface_hub.errors import HFValidationError, HfHubHTTPError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as exc:
+        raise ValueError(f"invalid repo id {repo_id!r}: {exc}. Use 'namespace/name'.") from None
+    with tempfile.TemporaryDirectory() as tmp:
+        if isinstance(model_or_folder, (str, os.PathLike)):
+            folder = Path(model_or_folder)
+        else:
+            from .model import get_adapter
+
+            model = model_or_folder if model is None else model
+            get_adapter(model_or_folder).save_adapter(tmp)
+            folder = Path(tmp)
+        files = read_adapter(folder)
+        names = [n for n in (CONFIG_NAME, WEIGHTS_NAME, PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME) if (folder / n).is_file()]
+        if len(names) != 2:
+            raise AdapterFormatError(f"{folder} must hold exactly one adapter (config + weights); found {names}")
+        base_params = None
+        if model is not None:
+            base_params = sum(p.numel() for n, p in model.named_parameters() if "unilora_theta_d" not in n
+                              and ".modules_to_save." not in n)
+        api = HfApi(endpoint=endpoint, token=token)
+        try:
+            api.create_repo(repo_id, private=private, exist_ok=True, token=token)
+            ops = [CommitOperationAdd(path_in_repo=n, path_or_fileobj=str(folder / n)) for n in names]
+            keep_readme = False
+            if not overwrite_card and api.file_exists(repo_id, "README.md", revision=revision, token=token):
+                existing = Path(api.hf_hub_download(repo_id, "README.md", revision=revision, token=token)).read_text()
+                keep_readme = CARD_MARKER not in existing
+            if not keep_readme:
+                card = render_card(files, repo_id, training_summary, base_params, license, datasets,
+                                   adapter_bytes=(folder / names[1]).stat().st_size)
+                ops.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode()))
+                history = (training_summary or {}).get("loss_history")
+                if history:
+                    ops.append(CommitOperationAdd(path_in_repo="training_loss.svg",
+                                                  path_or_fileobj=loss_svg(history).encode()))
+            info = api.create_commit(repo_id, ops, commit_message=commit_message or "Upload Uni-LoRA adapter",
+                                     revision=revision, create_pr=create_pr, token=token)
+        except HfHubHTTPError as exc:
+            status = getattr(getattr(exc, "response", None), "status_code", None)
+            if status in (401, 403):
+                raise PermissionError(
+                    f"the Hub refused the token for {repo_id} (HTTP {status}): pass a write token with token= or "
+                    "log in with `hf auth login`; nothing was uploaded"
+                ) from None
+            raise RuntimeError(
+                f"pushing to {repo_id} failed (HTTP {status}): {exc.server_message or exc}. Nothing was "
+                "committed (a Hub commit is all or nothing); run the push again"
+            ) from None
+        return info.pr_url if create_pr and info.pr_url else info.commit_url

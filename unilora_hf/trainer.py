@@ -1,0 +1,214 @@
+"""`UniLoraTrainer`: transformers' ``Trainer`` training only θ_d (and the heads), one line changed.
+
+``UniLoraTrainer(model, args, ..., unilora_config=UniLoraConfig(...))`` attaches the adapter to
+``model`` in place before ``Trainer.__init__`` (the model stays a ``PreTrainedModel``), or accepts a model
+that already has one, or wraps ``model_init`` so every trial gets a fresh adapter. θ_d gets its own
+optimizer group, found by identity, with ``unilora_learning_rate`` (default: ``args.learning_rate``) and
+no weight decay; heads keep ``args.learning_rate``. Checkpoints hold the adapter files plus the
+optimizer, scheduler and RNG state that resuming needs; ``push_to_hub`` uploads the adapter repo.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable
+
+import torch
+from transformers import Trainer
+from transformers.trainer_pt_utils import get_parameter_names
+
+from .config import UniLoraConfig
+from .errors import AdapterFormatError, LayoutMismatchError
+from .model import UniLoraAdapter, get_adapter, has_adapter, inject_adapter, unwrap
+from .serialization import read_adapter
+
+
+def _refuse_quantized(model) -> None:
+    if getattr(model, "is_quantized", False) or getattr(model, "hf_quantizer", None) is not None:
+        method = getattr(getattr(model, "hf_quantizer", None), "quantization_config", None)
+        raise ValueError(
+            f"the base model is quantized ({getattr(method, 'quant_method', 'unknown method')}); this version of "
+            "unilora_hf trains Uni-LoRA on unquantized bases only (bf16/fp16/fp32). Load the base with dtype="
+            "torch.bfloat16 instead of a quantization_config."
+        )
+
+
+def attach(model, unilora_config: UniLoraConfig | None) -> UniLoraAdapter:
+    """Attach ``unilora_config`` to ``model`` in place, or return the adapter it already has."""
+    if model is None:
+        raise ValueError("UniLoraTrainer needs a model (or model_init)")
+    _refuse_quantized(model)
+    if has_adapter(model):
+        if unilora_config is not None and get_adapter(model).config != unilora_config:
+            raise ValueError("the model already has a Uni-LoRA adapter with another config; pass unilora_config=None")
+        return get_adapter(model)
+    if unilora_config is None:
+        raise ValueError(
+            "UniLoraTrainer got a model without a Uni-LoRA adapter and no unilora_config: pass "
+            "unilora_config=UniLoraConfig(...) or a model prepared with unilora_hf.inject_adapter"
+        )
+    return inject_adapter(model, unilora_config)
+
+
+def load_adapter_weights(model, folder: str | os.PathLike) -> None:
+    """Copy θ_d and the heads saved in ``folder`` into the adapter on ``model`` (in place, keeping the
+    parameters the optimizer holds). Refuses a folder from another adapter layout."""
+    adapter = get_adapter(model)
+    files = read_adapter(folder)
+    layout = files.meta.get("layout", {})
+    if layout.get("fingerprint") != adapter.fingerprint or files.config.theta_d_length != adapter.config.theta_d_length:
+        raise LayoutMismatchError(
+            f"checkpoint {folder} was saved from another adapter layout (fingerprint {layout.get('fingerprint')}, "
+            f"d = {files.config.theta_d_length}); this run's adapter has {adapter.fingerprint}, "
+            f"d = {adapter.config.theta_d_length}. Resume from a checkpoint of this run's configuration."
+        )
+    if files.config.projection != adapter.config.projection or files.config.proj_seed != adapter.config.proj_seed:
+        raise LayoutMismatchError(
+            f"checkpoint {folder} uses projection {files.config.projection}/seed {files.config.proj_seed}; "
+            f"this run uses {adapter.config.projection}/seed {adapter.config.proj_seed}"
+        )
+    live = adapter.trainable_state()
+    if set(live) != set(files.tensors):
+        raise AdapterFormatError(f"checkpoint {folder} holds heads {sorted(files.tensors)}, this run trains {sorted(live)}")
+    with torch.no_grad():
+        adapter.theta_d.copy_(files.theta_d.to(adapter.theta_d.device))
+        for name, tensor in files.tensors.items():
+            live[name].copy_(tensor.to(live[name].device, live[name].dtype))
+
+
+class UniLoraTrainerMixin:
+    """The Uni-LoRA behaviour shared by `UniLoraTrainer` and `UniLoraSFTTrainer`."""
+
+    unilora_learning_rate: float | None
+    unilora_weight_decay: float
+
+    def _init_unilora(self, unilora_learning_rate, unilora_weight_decay, save_processing_class) -> None:
+        self.unilora_learning_rate = unilora_learning_rate
+        self.unilora_weight_decay = unilora_weight_decay
+        self.save_processing_class = save_processing_class
+
+    @staticmethod
+    def _wrap_model_init(model_init: Callable, unilora_config: UniLoraConfig | None) -> Callable:
+        def model_init_with_adapter(*args):
+            model = model_init(*args)
+            attach(model, unilora_config)
+            return model
+
+        return model_init_with_adapter
+
+    @property
+    def unilora_adapter(self) -> UniLoraAdapter:
+        return get_adapter(self.model)
+
+    def create_optimizer(self, model=None):
+        """θ_d alone in a group with its own lr (picked by identity); heads split by weight decay as Trainer does."""
+        if self.optimizer is not None:
+            return self.optimizer
+        opt_model = unwrap(self.model if model is None else model)
+        theta = get_adapter(opt_model).theta_d
+        decay_names = set(get_parameter_names(opt_model, [torch.nn.LayerNorm], ["bias", "layernorm", "rmsnorm"]))
+        others = [(n, p) for n, p in opt_model.named_parameters() if p.requires_grad and p is not theta]
+        groups = [{"params": [theta], "weight_decay": self.unilora_weight_decay,
+                   "lr": self.unilora_learning_rate if self.unilora_learning_rate is not None else self.args.learning_rate}]
+        decay = [p for n, p in others if n in decay_names]
+        no_decay = [p for n, p in others if n not in decay_names]
+        if decay:
+            groups.append({"params": decay, "weight_decay": self.args.weight_decay})
+        if no_decay:
+            groups.append({"params": no_decay, "weight_decay": 0.0})
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        return self.optimizer
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """Write the adapter files (kilobytes) instead of the full model."""
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        get_adapter(self.model).save_adapter(output_dir)
+        if self.save_processing_class and self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+            torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        load_adapter_weights(self.model if model is None else model, resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        load_adapter_weights(self.model, self.state.best_model_checkpoint)
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        if not self.is_world_process_zero() or self.args.hub_strategy == "end":
+            return
+        step = self.state.global_step
+        self._push_adapter_folder(checkpoint_folder, f"Training in progress, step {step}")
+
+    def push_to_hub(self, commit_message: str | None = "End of training", blocking: bool = True,
+                    token: str | None = None, revision: str | None = None, private: bool | None = None,
+                    **card_kwargs) -> str | None:
+        """Upload the adapter repo (config, safetensors, model card) in one commit; returns the commit URL."""
+        self.save_model(self.args.output_dir, _internal_call=True)
+        if not self.is_world_process_zero():
+            return None
+        return self._push_adapter_folder(self.args.output_dir, commit_message, token=token, revision=revision,
+                                         private=private, **card_kwargs)
+
+    def _push_adapter_folder(self, folder: str, commit_message: str | None, token: str | None = None,
+                             revision: str | None = None, private: bool | None = None, **card_kwargs) -> str:
+        from .push import push_adapter
+
+        repo_id = self.args.hub_model_id or os.path.basename(os.path.abspath(self.args.output_dir))
+        return push_adapter(
+            folder, repo_id, token=token if token is not None else self.args.hub_token,
+            private=private if private is not None else self.args.hub_private_repo,
+            revision=revision or self.args.hub_revision, commit_message=commit_message,
+            training_summary=self.training_summary(), model=self.model, **card_kwargs,
+        )
+
+    def training_summary(self) -> dict[str, Any]:
+        """Hyperparameters, final metrics and the loss history, for the model card."""
+        args = self.args
+        history = list(getattr(self.state, "log_history", []) or [])
+        losses = [(h["step"], h["loss"]) for h in history if "loss" in h and "step" in h]
+        evals = {k: v for h in history for k, v in h.items() if k.startswith("eval_")}
+        return {
+            "hyperparameters": {
+                "unilora_learning_rate": self.unilora_learning_rate if self.unilora_learning_rate is not None
+                else args.learning_rate,
+                "learning_rate (heads)": args.learning_rate,
+                "per_device_train_batch_size": args.per_device_train_batch_size,
+                "gradient_accumulation_steps": args.gradient_accumulation_steps,
+                "num_train_epochs": args.num_train_epochs,
+                "max_steps": args.max_steps,
+                "lr_scheduler_type": str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)),
+                "warmup_ratio": getattr(args, "warmup_ratio", None),
+                "seed": args.seed,
+                "bf16": args.bf16,
+            },
+            "metrics": evals,
+            "loss_history": losses,
+            "global_step": self.state.global_step,
+        }
+
+
+class UniLoraTrainer(UniLoraTrainerMixin, Trainer):
+    """``transformers.Trainer`` for Uni-LoRA: the same arguments plus
+
+    Args:
+        unilora_config: the adapter to attach to ``model`` (or to every ``model_init`` result); None when
+            the model already carries one.
+        unilora_learning_rate: θ_d's learning rate (paper: 5e-3 for GLUE, 2e-3 for LLMs); the heads use
+            ``args.learning_rate``.
+        unilora_weight_decay: θ_d's weight decay (default 0).
+        save_processing_class: also save the tokenizer and ``training_args.bin`` with the adapter.
+    """
+
+    def __init__(self, model=None, args=None, *pos, unilora_config: UniLoraConfig | None = None,
+                 unilora_learning_rate: float | None = None, unilora_weight_decay: float = 0.0,
+                 save_processing_class: bool = False, **kwargs):
+        self._init_unilora(unilora_learning_rate, unilora_weight_decay, save_processing_class)
+        if kwargs.get("model_init") is not None:
+            kwargs["model_init"] = self._wrap_model_init(kwargs["model_init"], unilora_config)
+        if model is not None:
+            attach(model, unilora_config)
+        super().__init__(model, args, *pos, **kwargs)
