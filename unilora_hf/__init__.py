@@ -11,7 +11,9 @@ from .layer import UniLoraLinear
 from .model import UniLoraAdapter, get_adapter, has_adapter, inject_adapter
 from .peft_export import export_lora
 from .projection import Projection
+from .push import push_adapter
 from .serialization import read_adapter, save_adapter
+from .trainer import UniLoraTrainer
 from .version import __version__
 
 __all__ = [
@@ -24,11 +26,13 @@ __all__ = [
     "UniLoraConfig",
     "UniLoraError",
     "UniLoraLinear",
+    "UniLoraTrainer",
     "__version__",
     "export_lora",
     "get_adapter",
     "has_adapter",
     "inject_adapter",
+    "push_adapter",
     "read_adapter",
     "save_adapter",
 ]

@@ -181,7 +181,7 @@ class UniLoraTrainerMixin:
                 "num_train_epochs": args.num_train_epochs,
                 "max_steps": args.max_steps,
                 "lr_scheduler_type": str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)),
-                "warmup_ratio": getattr(args, "warmup_ratio", None),
+                "warmup_steps": args.warmup_steps,
                 "seed": args.seed,
                 "bf16": args.bf16,
             },
