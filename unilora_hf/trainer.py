@@ -82,7 +82,9 @@ class UniLoraTrainerMixin:
     unilora_learning_rate: float | None
     unilora_weight_decay: float
 
-    def _init_unilora(self, unilora_learning_rate, unilora_weight_decay, save_processing_class) -> None:
+    def _init_unilora(self, unilora_learning_rate, unilora_weight_decay, save_processing_class,
+                      hub_endpoint=None) -> None:
+        self.hub_endpoint = hub_endpoint
         self.unilora_learning_rate = unilora_learning_rate
         self.unilora_weight_decay = unilora_weight_decay
         self.save_processing_class = save_processing_class
@@ -162,7 +164,7 @@ class UniLoraTrainerMixin:
             folder, repo_id, token=token if token is not None else self.args.hub_token,
             private=private if private is not None else self.args.hub_private_repo,
             revision=revision or self.args.hub_revision, commit_message=commit_message,
-            training_summary=self.training_summary(), model=self.model, **card_kwargs,
+            training_summary=self.training_summary(), model=self.model, endpoint=self.hub_endpoint, **card_kwargs,
         )
 
     def training_summary(self) -> dict[str, Any]:
@@ -201,12 +203,13 @@ class UniLoraTrainer(UniLoraTrainerMixin, Trainer):
             ``args.learning_rate``.
         unilora_weight_decay: θ_d's weight decay (default 0).
         save_processing_class: also save the tokenizer and ``training_args.bin`` with the adapter.
+        hub_endpoint: the Hub URL for ``push_to_hub`` (default: huggingface_hub's, i.e. ``HF_ENDPOINT``).
     """
 
     def __init__(self, model=None, args=None, *pos, unilora_config: UniLoraConfig | None = None,
                  unilora_learning_rate: float | None = None, unilora_weight_decay: float = 0.0,
-                 save_processing_class: bool = False, **kwargs):
-        self._init_unilora(unilora_learning_rate, unilora_weight_decay, save_processing_class)
+                 save_processing_class: bool = False, hub_endpoint: str | None = None, **kwargs):
+        self._init_unilora(unilora_learning_rate, unilora_weight_decay, save_processing_class, hub_endpoint)
         if kwargs.get("model_init") is not None:
             kwargs["model_init"] = self._wrap_model_init(kwargs["model_init"], unilora_config)
         if model is not None:
