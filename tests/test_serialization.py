@@ -187,3 +187,15 @@ def test_heads_that_do_not_fit_are_refused(tmp_path):
     save_file(tensors, str(tmp_path / "unilora_model.safetensors"))
     with pytest.raises(AdapterFormatError, match=r"missing \['classifier.bias'\]"):
         UniLoraAutoModel.from_pretrained(tiny_bert(num_labels=3), tmp_path)
+
+
+def test_from_pretrained_passes_dtype_to_the_base_and_keeps_theta_in_float32(tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(STORIES)
+    trained(model, UniLoraConfig(r=2, theta_d_length=256, target_modules=["q_proj", "v_proj"]))
+    get_adapter(model).save_adapter(tmp_path)
+    loaded = UniLoraAutoModel.from_pretrained(str(STORIES), tmp_path, dtype=torch.bfloat16)
+    assert loaded.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+    assert get_adapter(loaded).theta_d.dtype == torch.float32
+    ids = torch.tensor([[1, 403, 407, 261, 378]])
+    reference = output(model, ids)
+    assert torch.allclose(output(loaded, ids).float(), reference, atol=0.15, rtol=0.05)
