@@ -213,7 +213,8 @@ def test_truncated_download_is_retried_and_cache_stays_clean(hf_api, hub_server,
     hub_server.truncate_next_downloads(1)
     path = Path(_download(hub_server, repo_id, "sub/weights.bin"))
     assert path.read_bytes() == expected
-    resolve_gets = [r for r in hub_server.requests if r.method == "GET" and r.path.endswith(f"{repo_id}/resolve/main/sub/weights.bin")]
+    url_path = f"/{repo_id}/resolve/main/sub/weights.bin"
+    resolve_gets = [r for r in hub_server.requests if (r.method, r.path) == ("GET", url_path)]
     assert len(resolve_gets) == 2
     assert not list(hf_cache.rglob("*.incomplete"))
     # A later forced download returns the very same bytes.
