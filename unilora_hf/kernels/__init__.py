@@ -1,0 +1,35 @@
+"""Fast paths of the Uni-LoRA projection θ_D = P θ_d (``docs/projection.md``).
+
+``project_theta(theta_d, projection)`` is the differentiable readout (backward: Pᵀ g, deterministic);
+``readout`` / ``theta_grad`` / ``native_indices`` are its non-differentiable parts. Each runs on Triton
+kernels for CUDA tensors (``projection_kernels``, the only module importing triton, loaded on first
+use) and on a pure-PyTorch reference otherwise; ``force_backend`` or ``UNILORA_HF_KERNELS`` override
+the choice (see ``dispatch``). Importing this package never needs triton; using the Triton backend
+without it raises ImportError with the hint ``pip install "unilora_hf[triton]"``.
+"""
+
+from .dispatch import (
+    BACKENDS,
+    ENV_VAR,
+    force_backend,
+    native_indices,
+    peft_csr,
+    project_theta,
+    readout,
+    resolve_backend,
+    theta_grad,
+    triton_available,
+)
+
+__all__ = [
+    "BACKENDS",
+    "ENV_VAR",
+    "force_backend",
+    "native_indices",
+    "peft_csr",
+    "project_theta",
+    "readout",
+    "resolve_backend",
+    "theta_grad",
+    "triton_available",
+]

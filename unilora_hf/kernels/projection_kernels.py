@@ -1,0 +1,478 @@
+"""Triton kernels of the Uni-LoRA projection P (``docs/projection.md``): readout θ_D = P θ_d and the
+θ gradient Pᵀ g. This is the only module of ``unilora_hf`` that imports ``triton``.
+
+Kernel A, readout: ``out[t] = θ_d[idx(start + t)] · s(idx(start + t))`` for ``t < count``, float32.
+    native: π is evaluated per position in the kernel (keys, 4-round Feistel, cycle-walk while any lane
+    is ≥ D), all in int64 with 32-bit masks, so idx is bit-identical to ``Projection.indices``; the
+    scale is ``scale_values[0]`` if ``idx < D mod d`` else ``scale_values[1]``. peft: idx and s are
+    read from the int32 table and the float32 scale table. Each output is one float32 product, the
+    same one the reference forms, so the readout is bit-identical to
+    ``θ_d[idx] * projection.scales_of(idx)``.
+
+Kernel B, gradient: ``(Pᵀ g)[j] = s(j) · Σ_{m < n_j} g[row_m(j)]`` with float32 accumulation, for g
+    float32 or bfloat16 of length D. Columns are processed as a gather-reduce: native rows are
+    ``row_m(j) = π⁻¹(j + m·d)`` evaluated in the kernel (inverse Feistel, cycle-walk); peft rows are read
+    from a CSR inverse of the table (``dispatch.peft_csr``: rows of column j in increasing order). A
+    program owns a tile of BJ columns × BM consecutive m and ``iters`` such tiles; tile sums are fixed
+    tree reductions over m, tiles are added in increasing m, and when the m range is split over S
+    programs their partial sums are added in increasing split order by a second kernel. No atomics:
+    the result is bit-identical run to run on one device, and the plan (BJ, BM, iters, S) depends only
+    on (D, d), never on the device.
+
+Loops over a runtime count are ``while`` loops (``range`` of a runtime scalar fails in the interpreter
+of triton 3.6 with numpy 2). The kernels call only builtins of ``triton.language`` (``tl.full``,
+``tl.reduce``, ...), never its ``@triton.jit`` helpers (``tl.zeros``, ``tl.sum``, ``tl.max``): those are
+created interpreted or compiled once, when triton is imported, so they would break one of the two
+variants of this module. Interpreted variants reduce with the standard library's combine functions,
+which the interpreter recognises (numpy, fast) without calling them; compiled ones with local
+equivalents.
+
+The launch wrappers take plain arguments (seed, D, d, tensors) so that the custom ops of
+``dispatch`` can call them; tensors must be on one device. ``for_device(device)`` returns the variant
+of this module to use: for CUDA tensors, always compiled kernels (also when ``TRITON_INTERPRET=1`` is
+set); for CPU tensors, a twin of this module whose kernels run in Triton's interpreter, only when
+``TRITON_INTERPRET=1`` is set (the CPU test path: slow, for small sizes).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError as exc:  # pragma: no cover - exercised only without triton
+    raise ImportError(
+        'the Triton kernels of unilora_hf need the triton package: pip install "unilora_hf[triton]"'
+    ) from exc
+
+from ..projection import balanced_counts, correctly_rounded_rsqrt, feistel_bits, feistel_keys
+
+READOUT_BLOCK = 1024
+GRAD_TILE = 1024
+GRAD_TARGET_PROGRAMS = 1024
+KEY_BIAS = 1 << 32
+
+_SCALARS = ["start", "count", "n", "D", "d", "q", "rem", "k0", "k1", "k2", "k3", "h", "mh", "iters", "splits"]
+
+
+@triton.jit
+def _mix32(x):
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & 0xFFFFFFFF
+    x = x ^ (x >> 15)
+    x = (x * 0x68E31DA5) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def _feistel(x, k0, k1, k2, k3, h, mh, INVERSE: tl.constexpr):
+    left = x >> h
+    right = x & mh
+    if INVERSE:
+        t = left
+        left = right ^ (_mix32(left ^ k3) & mh)
+        right = t
+        t = left
+        left = right ^ (_mix32(left ^ k2) & mh)
+        right = t
+        t = left
+        left = right ^ (_mix32(left ^ k1) & mh)
+        right = t
+        t = left
+        left = right ^ (_mix32(left ^ k0) & mh)
+        right = t
+    else:
+        t = right
+        right = left ^ (_mix32(right ^ k0) & mh)
+        left = t
+        t = right
+        right = left ^ (_mix32(right ^ k1) & mh)
+        left = t
+        t = right
+        right = left ^ (_mix32(right ^ k2) & mh)
+        left = t
+        t = right
+        right = left ^ (_mix32(right ^ k3) & mh)
+        left = t
+    return (left << h) | right
+
+
+@triton.jit
+def _add(a, b):
+    return a + b
+
+
+@triton.jit
+def _max(a, b):
+    return tl.maximum(a, b)
+
+
+if type(_add).__name__ == "InterpretedFunction":
+    _add = getattr(tl.standard, "_sum_combine", _add)
+    _max = getattr(tl.standard, "_elementwise_max", _max)
+
+
+@triton.jit
+def _walk(x, k0, k1, k2, k3, h, mh, D, INVERSE: tl.constexpr):
+    y = _feistel(x, k0, k1, k2, k3, h, mh, INVERSE)
+    outside = y >= D
+    while tl.reduce(outside.to(tl.int32), 0, _max) > 0:
+        y = tl.where(outside, _feistel(y, k0, k1, k2, k3, h, mh, INVERSE), y)
+        outside = y >= D
+    return y
+
+
+@triton.jit
+def _unbias_keys(k0, k1, k2, k3):
+    return k0 - 4294967296, k1 - 4294967296, k2 - 4294967296, k3 - 4294967296
+
+
+@triton.jit(do_not_specialize=_SCALARS)
+def _permute_kernel(pos_ptr, out_ptr, n, D, k0, k1, k2, k3, h, mh, INVERSE: tl.constexpr, BLOCK: tl.constexpr):
+    k0, k1, k2, k3 = _unbias_keys(k0, k1, k2, k3)
+    lane = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    live = lane < n
+    x = tl.load(pos_ptr + lane, mask=live, other=0).to(tl.int64)
+    y = _walk(x, k0, k1, k2, k3, h, mh, D, INVERSE)
+    tl.store(out_ptr + lane, y, mask=live)
+
+
+@triton.jit(do_not_specialize=_SCALARS)
+def _readout_native_kernel(
+    theta_ptr, out_ptr, idx_ptr, start, count, D, d, rem, big, small, k0, k1, k2, k3, h, mh,
+    WRITE_OUT: tl.constexpr, WRITE_IDX: tl.constexpr, BLOCK: tl.constexpr,
+):
+    k0, k1, k2, k3 = _unbias_keys(k0, k1, k2, k3)
+    lane = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    live = lane < count
+    pos = tl.where(live, lane + start, 0)
+    col = _walk(pos, k0, k1, k2, k3, h, mh, D, False) % d
+    if WRITE_IDX:
+        tl.store(idx_ptr + lane, col, mask=live)
+    if WRITE_OUT:
+        scale = tl.where(col < rem, big, small)
+        value = tl.load(theta_ptr + col, mask=live, other=0.0)
+        tl.store(out_ptr + lane, value * scale, mask=live)
+
+
+@triton.jit(do_not_specialize=_SCALARS)
+def _readout_peft_kernel(theta_ptr, table_ptr, scales_ptr, out_ptr, start, count, BLOCK: tl.constexpr):
+    lane = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    live = lane < count
+    col = tl.load(table_ptr + start + lane, mask=live, other=0).to(tl.int64)
+    value = tl.load(theta_ptr + col, mask=live, other=0.0)
+    scale = tl.load(scales_ptr + col, mask=live, other=0.0)
+    tl.store(out_ptr + lane, value * scale, mask=live)
+
+
+@triton.jit
+def _column_scale(scales_ptr, col, live, rem, big, small, NATIVE_KIND: tl.constexpr):
+    if NATIVE_KIND:
+        scale = tl.where(col < rem, big, small)
+    else:
+        scale = tl.load(scales_ptr + col, mask=live, other=0.0)
+    return scale
+
+
+@triton.jit(do_not_specialize=_SCALARS)
+def _grad_kernel(
+    g_ptr, out_ptr, part_ptr, scales_ptr, rows_ptr, offsets_ptr, D, d, q, rem, big, small,
+    k0, k1, k2, k3, h, mh, iters,
+    NATIVE_KIND: tl.constexpr, FINAL: tl.constexpr, BJ: tl.constexpr, BM: tl.constexpr,
+):
+    k0, k1, k2, k3 = _unbias_keys(k0, k1, k2, k3)
+    col_block = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1).to(tl.int64)
+    lane = tl.arange(0, BJ * BM)
+    col = col_block * BJ + lane // BM
+    col_live = col < d
+    if NATIVE_KIND:
+        n = q + (col < rem).to(tl.int64)
+        first = col * 0
+    else:
+        first = tl.load(offsets_ptr + col, mask=col_live, other=0)
+        n = tl.load(offsets_ptr + col + 1, mask=col_live, other=0) - first
+    acc = tl.full([BJ], 0.0, tl.float32)
+    it = iters * 0
+    while it < iters:
+        m = (split * iters + it) * BM + lane % BM
+        valid = col_live & (m < n)
+        if NATIVE_KIND:
+            rows = _walk(tl.where(valid, col + m * d, 0), k0, k1, k2, k3, h, mh, D, True)
+        else:
+            rows = tl.load(rows_ptr + first + m, mask=valid, other=0).to(tl.int64)
+        g = tl.load(g_ptr + rows, mask=valid, other=0.0).to(tl.float32)
+        acc += tl.reduce(tl.reshape(g, (BJ, BM)), 1, _add)
+        it += 1
+    out_col = col_block * BJ + tl.arange(0, BJ)
+    out_live = out_col < d
+    if FINAL:
+        scale = _column_scale(scales_ptr, out_col, out_live, rem, big, small, NATIVE_KIND)
+        tl.store(out_ptr + out_col, acc * scale, mask=out_live)
+    else:
+        tl.store(part_ptr + split * d + out_col, acc, mask=out_live)
+
+
+@triton.jit(do_not_specialize=_SCALARS)
+def _grad_finish_kernel(
+    part_ptr, out_ptr, scales_ptr, d, rem, big, small, splits, NATIVE_KIND: tl.constexpr, BLOCK: tl.constexpr
+):
+    col = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    live = col < d
+    acc = tl.full([BLOCK], 0.0, tl.float32)
+    s = splits * 0
+    while s < splits:
+        acc += tl.load(part_ptr + s.to(tl.int64) * d + col, mask=live, other=0.0)
+        s += 1
+    scale = _column_scale(scales_ptr, col, live, rem, big, small, NATIVE_KIND)
+    tl.store(out_ptr + col, acc * scale, mask=live)
+
+
+# -- launch wrappers ------------------------------------------------------------------------------
+
+
+def interpreted() -> bool:
+    """True when the kernels of this module instance run in Triton's interpreter."""
+    return type(_readout_native_kernel).__name__ == "InterpretedFunction"
+
+
+def interpreter_enabled() -> bool:
+    """Whether ``TRITON_INTERPRET`` is set to a true value (the opt-in for the CPU path)."""
+    knobs = getattr(triton, "knobs", None)
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+_VARIANTS: dict[bool, object] = {}
+
+
+def _variant(interpret: bool):
+    """This module with compiled (``interpret=False``) or interpreted kernels. Triton picks the mode
+    when a function is decorated, and a kernel's callees are looked up in its module's globals, so the
+    other mode is a second instance of this file, executed with the interpreter switch forced."""
+    if interpreted() == interpret:
+        return sys.modules[__name__]
+    if interpret not in _VARIANTS:
+        name = f"{__package__}._projection_kernels_{'interpreted' if interpret else 'compiled'}"
+        spec = importlib.util.spec_from_file_location(name, __file__)
+        module = importlib.util.module_from_spec(spec)
+        knobs = getattr(triton, "knobs", None)
+        saved = os.environ.get("TRITON_INTERPRET")
+        try:
+            if knobs is not None:
+                with knobs.runtime.scope():
+                    knobs.runtime.interpret = interpret
+                    spec.loader.exec_module(module)
+            else:
+                os.environ["TRITON_INTERPRET"] = "1" if interpret else "0"
+                spec.loader.exec_module(module)
+        finally:
+            if saved is None:
+                os.environ.pop("TRITON_INTERPRET", None)
+            else:
+                os.environ["TRITON_INTERPRET"] = saved
+        _VARIANTS[interpret] = module
+    return _VARIANTS[interpret]
+
+
+def for_device(device: torch.device | str):
+    """The kernel module for tensors on ``device``: compiled for CUDA; interpreted for CPU, only when
+    ``TRITON_INTERPRET=1`` is set (else RuntimeError)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return _variant(False)
+    if not interpreter_enabled():
+        raise RuntimeError(
+            f"the Triton kernels need CUDA tensors (got {device}); set TRITON_INTERPRET=1 to run them on "
+            "CPU tensors in Triton's interpreter"
+        )
+    return _variant(True)
+
+
+def _check_device(*tensors: torch.Tensor) -> None:
+    device = tensors[0].device
+    if (device.type == "cuda") == interpreted():
+        raise RuntimeError(
+            f"this {'interpreted' if interpreted() else 'compiled'} kernel module cannot take {device} tensors; "
+            "use projection_kernels.for_device(device)"
+        )
+    for t in tensors[1:]:
+        if t.device != device:
+            raise ValueError(f"tensors on different devices: {device} and {t.device}")
+
+
+class _on_device:
+    """Makes ``device`` current for a CUDA launch (no-op elsewhere)."""
+
+    def __init__(self, device: torch.device):
+        self.ctx = torch.cuda.device(device) if device.type == "cuda" else None
+
+    def __enter__(self):
+        if self.ctx is not None:
+            self.ctx.__enter__()
+
+    def __exit__(self, *exc):
+        if self.ctx is not None:
+            self.ctx.__exit__(*exc)
+
+
+def _native_args(seed: int, D: int) -> tuple[int, ...]:
+    """(k0+2^32, k1+2^32, k2+2^32, k3+2^32, h, 2^h − 1): keys are passed biased by 2^32 so that
+    Triton always types them int64; the kernels subtract the bias."""
+    h = feistel_bits(D) // 2
+    return (*(k + KEY_BIAS for k in feistel_keys(seed)), h, (1 << h) - 1)
+
+
+def _native_scales(D: int, d: int) -> tuple[int, int, float, float]:
+    """(q, rem, s_big, s_small) with n_j = q + [j < rem] and s = float32 nearest 1/sqrt(n)."""
+    q, rem, _ = balanced_counts(D, d)
+    return q, rem, correctly_rounded_rsqrt(q + 1), correctly_rounded_rsqrt(q)
+
+
+def native_permute(positions: torch.Tensor, seed: int, D: int, inverse: bool = False) -> torch.Tensor:
+    """π(x) (or π⁻¹(x) when ``inverse``) of the native permutation keyed by ``seed`` on [0, D), for an
+    integer tensor of values in [0, D); int64, same shape and device."""
+    x = positions.to(torch.int64).contiguous().view(-1)
+    _check_device(x)
+    out = torch.empty_like(x)
+    if x.numel():
+        with _on_device(x.device):
+            _permute_kernel[(triton.cdiv(x.numel(), READOUT_BLOCK),)](
+                x, out, x.numel(), D, *_native_args(seed, D), INVERSE=inverse, BLOCK=READOUT_BLOCK
+            )
+    return out.view(positions.shape)
+
+
+def native_indices(seed: int, D: int, d: int, start: int, count: int, device: torch.device | str) -> torch.Tensor:
+    """idx(i) = π(i) mod d for i in [start, start+count), int64 on ``device`` (Kernel A without θ)."""
+    out = torch.empty(count, dtype=torch.int64, device=device)
+    _check_device(out)
+    if count:
+        q, rem, big, small = _native_scales(D, d)
+        with _on_device(out.device):
+            _readout_native_kernel[(triton.cdiv(count, READOUT_BLOCK),)](
+                out, out, out, start, count, D, d, rem, big, small, *_native_args(seed, D),
+                WRITE_OUT=False, WRITE_IDX=True, BLOCK=READOUT_BLOCK,
+            )
+    return out
+
+
+def readout_native(theta_d: torch.Tensor, seed: int, D: int, start: int = 0, count: int | None = None) -> torch.Tensor:
+    """Kernel A, native: θ_D[start:start+count] from float32 θ_d (length d), float32."""
+    d = theta_d.numel()
+    count = D - start if count is None else count
+    theta = theta_d.contiguous()
+    _check_device(theta)
+    out = torch.empty(count, dtype=torch.float32, device=theta.device)
+    if count:
+        q, rem, big, small = _native_scales(D, d)
+        with _on_device(theta.device):
+            _readout_native_kernel[(triton.cdiv(count, READOUT_BLOCK),)](
+                theta, out, out, start, count, D, d, rem, big, small, *_native_args(seed, D),
+                WRITE_OUT=True, WRITE_IDX=False, BLOCK=READOUT_BLOCK,
+            )
+    return out
+
+
+def readout_peft(
+    theta_d: torch.Tensor, table: torch.Tensor, scales: torch.Tensor, start: int = 0, count: int | None = None
+) -> torch.Tensor:
+    """Kernel A, peft: ``θ_d[table[i]] · scales[table[i]]`` for i in [start, start+count), float32."""
+    count = table.numel() - start if count is None else count
+    theta, table, scales = theta_d.contiguous(), table.contiguous(), scales.contiguous()
+    _check_device(theta, table, scales)
+    out = torch.empty(count, dtype=torch.float32, device=theta.device)
+    if count:
+        with _on_device(theta.device):
+            _readout_peft_kernel[(triton.cdiv(count, READOUT_BLOCK),)](
+                theta, table, scales, out, start, count, BLOCK=READOUT_BLOCK
+            )
+    return out
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def grad_plan(D: int, d: int) -> tuple[int, int, int, int]:
+    """(BJ, BM, iters, splits): the tiling of Kernel B, a function of (D, d) only.
+
+    A tile is BJ columns × BM values of m (BJ·BM ≤ 1024 lanes); each program reduces ``iters``
+    consecutive tiles of m, and the m range of every column block is split over ``splits`` programs
+    so that about ``GRAD_TARGET_PROGRAMS`` programs run."""
+    q, rem, _ = balanced_counts(D, d)
+    m_max = q + (1 if rem else 0)
+    bj = min(_next_pow2(d), 128)
+    bm = min(_next_pow2(m_max), max(1, GRAD_TILE // bj))
+    bm = max(bm, 16 // bj)
+    tiles = -(-m_max // bm)
+    col_blocks = -(-d // bj)
+    splits = min(tiles, max(1, -(-GRAD_TARGET_PROGRAMS // col_blocks)))
+    iters = -(-tiles // splits)
+    return bj, bm, iters, -(-tiles // iters)
+
+
+def _launch_grad(g, out, scales, rows, offsets, D, d, native_args, native_kind):
+    bj, bm, iters, splits = grad_plan(D, d)
+    q, rem, big, small = _native_scales(D, d)
+    col_blocks = triton.cdiv(d, bj)
+    part = out if splits == 1 else torch.empty(splits * d, dtype=torch.float32, device=out.device)
+    with _on_device(out.device):
+        _grad_kernel[(col_blocks, splits)](
+            g, out, part, scales, rows, offsets, D, d, q, rem, big, small, *native_args, iters,
+            NATIVE_KIND=native_kind, FINAL=splits == 1, BJ=bj, BM=bm,
+        )
+        if splits > 1:
+            _grad_finish_kernel[(triton.cdiv(d, READOUT_BLOCK),)](
+                part, out, scales, d, rem, big, small, splits, NATIVE_KIND=native_kind, BLOCK=READOUT_BLOCK
+            )
+    return out
+
+
+def _check_grad(grad_theta_D: torch.Tensor, D: int) -> torch.Tensor:
+    if grad_theta_D.numel() != D:
+        raise ValueError(f"the gradient has {grad_theta_D.numel()} entries, the projection D = {D}")
+    if grad_theta_D.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        grad_theta_D = grad_theta_D.float()
+    return grad_theta_D.contiguous().view(-1)
+
+
+def grad_native(grad_theta_D: torch.Tensor, seed: int, D: int, d: int) -> torch.Tensor:
+    """Kernel B, native: Pᵀ g (length d, float32) for g of length D (float32/bfloat16/float16)."""
+    g = _check_grad(grad_theta_D, D)
+    _check_device(g)
+    out = torch.empty(d, dtype=torch.float32, device=g.device)
+    return _launch_grad(g, out, out, out, out, D, d, _native_args(seed, D), True)
+
+
+def grad_peft(
+    grad_theta_D: torch.Tensor, scales: torch.Tensor, csr_rows: torch.Tensor, csr_offsets: torch.Tensor
+) -> torch.Tensor:
+    """Kernel B, peft: Pᵀ g over the CSR inverse (``csr_rows[csr_offsets[j]:csr_offsets[j+1]]`` are the
+    rows of column j); float32, length d = ``scales.numel()``."""
+    D, d = csr_rows.numel(), scales.numel()
+    g = _check_grad(grad_theta_D, D)
+    scales, csr_rows, csr_offsets = scales.contiguous(), csr_rows.contiguous(), csr_offsets.contiguous()
+    _check_device(g, scales, csr_rows, csr_offsets)
+    out = torch.empty(d, dtype=torch.float32, device=g.device)
+    return _launch_grad(g, out, scales, csr_rows, csr_offsets, D, d, (KEY_BIAS,) * 4 + (1, 1), False)
+
+
+__all__ = [
+    "for_device",
+    "grad_native",
+    "grad_peft",
+    "grad_plan",
+    "interpreted",
+    "interpreter_enabled",
+    "native_indices",
+    "native_permute",
+    "readout_native",
+    "readout_peft",
+]
