@@ -23,12 +23,9 @@ def _lora_targets(adapter: UniLoraAdapter) -> list[str]:
     """Suffixes when they select exactly the adapted modules, else the full module names."""
     adapted = [spec.name for spec in adapter.layers]
     suffixes = sorted({n.rsplit(".", 1)[-1] for n in adapted})
-    matched = [n for n, _ in adapter.model.named_modules()
-               if n.rsplit(".", 1)[-1] in suffixes and n in set(adapted) | {n for n in adapted}]
-    everything = [n for n, m in adapter.model.named_modules()
-                  if n.rsplit(".", 1)[-1] in suffixes and not n.endswith(".base_layer")
-                  and ".original_module" not in n and ".modules_to_save." not in n]
-    return suffixes if sorted(everything) == sorted(matched) else adapted
+    same_suffix = {n for n, _ in adapter.model.named_modules()
+                   if n.rsplit(".", 1)[-1] in suffixes and ".original_module" not in n and ".modules_to_save." not in n}
+    return suffixes if same_suffix == set(adapted) else adapted
 
 
 def export_lora(model_or_adapter, save_directory: str | os.PathLike, dtype: torch.dtype = torch.float32) -> list[str]:
