@@ -64,27 +64,33 @@ class UniLoraLinear(nn.Module):
             pair = A.view(s.r, s.in_features), B.view(s.out_features, s.r)
         return pair
 
-    def _frozen_plain_linear(self, x: torch.Tensor, args, kwargs) -> bool:
-        base = self.base_layer
-        return (
-            type(base) is nn.Linear
-            and not args
-            and not kwargs
-            and not base.weight.requires_grad
-            and (base.bias is None or not base.bias.requires_grad)
-            and x.dtype == base.weight.dtype
-            and x.device == base.weight.device
-            and not torch.is_autocast_enabled(x.device.type)
-            and (isinstance(self.unilora_dropout, nn.Identity) or not self.training)
-        )
+    def _frozen_plain_weights(self, base: nn.Module, x: torch.Tensor):
+        """(W, b) when ``base`` is a plain nn.Linear with frozen W, b matching x's dtype and device (and
+        no autocast, no active dropout), else None. Module attributes are read from their dicts: this
+        runs once per layer call, on the CPU critical path of a training step."""
+        if type(base) is not nn.Linear:
+            return None
+        weight, bias = base._parameters["weight"], base._parameters["bias"]
+        if (
+            weight.requires_grad
+            or (bias is not None and bias.requires_grad)
+            or x.dtype != weight.dtype
+            or x.device != weight.device
+            or torch.is_autocast_enabled(x.device.type)
+            or (self.training and type(self._modules["unilora_dropout"]) is not nn.Identity)
+        ):
+            return None
+        return weight, bias
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        base = self._modules["base_layer"]
         if self.merged or not self._unilora_root.unilora_adapter.enabled:
-            return self.base_layer(x, *args, **kwargs)
-        if self._frozen_plain_linear(x, args, kwargs):
+            return base(x, *args, **kwargs)
+        plain = None if args or kwargs else self._frozen_plain_weights(base, x)
+        if plain is not None:
             A, B = self._pair(x.device, x.dtype)
-            return lora_linear.frozen_linear_lora(x, self.base_layer.weight, self.base_layer.bias, A, B)
-        result = self.base_layer(x, *args, **kwargs)
+            return lora_linear.frozen_linear_lora(x, plain[0], plain[1], A, B)
+        result = base(x, *args, **kwargs)
         A, B = self._pair(result.device, result.dtype)
         return lora_linear.add_lora(result, self.unilora_dropout(x), A, B)
 
