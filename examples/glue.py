@@ -132,6 +132,8 @@ def parse_args(argv=None):
                    help="no checkpoints, no push and reload: train, score dev after every epoch, report the best "
                         "(always on for methods other than unilora)")
     p.add_argument("--workers", type=int, default=0, help="dataloader worker processes")
+    p.add_argument("--logging-steps", type=int, default=None, help="log the loss every N steps (default 10, "
+                                                                  "50 with --measure-only)")
     p.add_argument("--output-dir", type=Path, default=Path("runs/glue"))
     p.add_argument("--repo-id", default="demo/minilm-unilora-sst2", help="Hub repo to push the adapter to")
     p.add_argument("--hub-endpoint", default=None, help="a Hub URL; default: an in-process local Hub server")
@@ -219,7 +221,8 @@ def training_args(a, metric: str) -> TrainingArguments:
         per_device_train_batch_size=a.batch_size, per_device_eval_batch_size=a.eval_batch_size,
         learning_rate=a.head_lr, warmup_steps=a.warmup_ratio, weight_decay=0.0, eval_strategy="epoch",
         save_strategy="epoch" if keep else "no", save_total_limit=1 if keep else None, load_best_model_at_end=keep,
-        metric_for_best_model=metric, logging_steps=10 if keep else 50, report_to=[], seed=a.seed, bf16=a.bf16,
+        metric_for_best_model=metric,
+        logging_steps=a.logging_steps or (10 if keep else 50), report_to=[], seed=a.seed, bf16=a.bf16,
         tf32=True if a.tf32 else None, dataloader_num_workers=a.workers, disable_tqdm=a.measure_only,
         hub_model_id=a.repo_id, hub_token=a.hub_token,
     )
