@@ -5,6 +5,7 @@ Same seed: equal θ_d and head at init, identical logits, then the same losses, 
 trained weights over the first optimizer steps (dropout on, warm-up, both lrs in play)."""
 
 import importlib.util
+import zlib
 
 import pytest
 import torch
@@ -88,3 +89,32 @@ def test_unilora_peft_projection_matches_peft_tuner_at_init_and_over_the_first_s
     trained = logits(ours.model, batch)
     assert (trained - init).abs().max() > 1e-3
     torch.testing.assert_close(trained, logits(theirs.model, batch), rtol=1e-5, atol=1e-5)
+
+
+def test_packed_model_is_exact_on_kept_tokens_and_zero_elsewhere(tmp_path):
+    """benchmarks/glue_quality.py carries MiniLM as its used embedding rows plus every other tensor."""
+    from models import tiny_bert
+
+    spec = importlib.util.spec_from_file_location("glue_quality", REPO / "benchmarks" / "glue_quality.py")
+    quality = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(quality)
+    model = tiny_bert(num_labels=2)
+    model.save_pretrained(tmp_path / "base")
+    keep = set(range(0, 80, 3))
+    meta = quality.pack_model(tmp_path / "base", tmp_path / "pack", keep)
+    assert meta["files"] == ["config.json"] and len(meta["rows"]) == len(keep)
+    rebuilt = type(model).from_pretrained(quality.unpack_model(tmp_path / "pack", tmp_path / "out")).eval()
+    emb, emb_rebuilt = model.bert.embeddings.word_embeddings.weight, rebuilt.bert.embeddings.word_embeddings.weight
+    rows = sorted(keep)
+    assert torch.equal(emb_rebuilt[rows], emb[rows])
+    assert not emb_rebuilt[[i for i in range(80) if i not in keep]].any()
+    kept_ids = torch.tensor([rows[1:9], rows[9:17]])
+    with torch.no_grad():
+        assert torch.equal(rebuilt(input_ids=kept_ids).logits, model(input_ids=kept_ids).logits)
+        other = kept_ids + 1
+        assert not torch.equal(rebuilt(input_ids=other).logits, model(input_ids=other).logits)
+    plane = bytearray(zlib.decompress((tmp_path / "pack" / "plane2.z").read_bytes()))
+    plane[5] ^= 1
+    (tmp_path / "pack" / "plane2.z").write_bytes(zlib.compress(bytes(plane)))
+    with pytest.raises(ValueError, match="sha256"):
+        quality.unpack_model(tmp_path / "pack", tmp_path / "bad")
