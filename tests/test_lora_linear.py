@@ -176,10 +176,16 @@ class TestCuda:
         want = cpu(input_ids=ids).logits
         weights = torch.randn_like(want)
         (want * weights).sum().backward()
+        with adapter.disabled():
+            got_base = gpu(input_ids=ids.cuda()).logits.double()
         got = gpu(input_ids=ids.cuda()).logits
         (got.double() * weights.cuda()).sum().backward()
+        # the adapter's contribution, against float64; the output's own rounding (one step of the dtype)
+        # is allowed on top of the per-dtype tolerance
         scale = (want - base).norm().item()
-        assert (got.double().cpu() - want).norm().item() <= self.TOL[dtype] * scale + 1e-3 * want.norm().item() * (dtype != torch.float32)
+        rounding = torch.finfo(dtype).eps * want.norm().item()
+        effect = (got.double() - got_base).cpu()
+        assert (effect - (want - base)).norm().item() <= self.TOL[dtype] * scale + 2 * rounding
         g_want = cpu.unilora_theta_d.grad
         g_got = adapter.theta_d.grad.double().cpu()
         assert (g_got - g_want).norm() <= 3 * self.TOL[dtype] * g_want.norm()
@@ -192,4 +198,4 @@ class TestCuda:
             adapter.merge()
             merged = gpu(input_ids=ids.cuda()).logits
             adapter.unmerge()
-        assert (merged - unmerged).double().norm() <= self.TOL[dtype] * scale + 2e-2 * unmerged.double().norm() * (dtype != torch.float32)
+        assert (merged - unmerged).double().norm().item() <= self.TOL[dtype] * scale + 4 * rounding
