@@ -99,10 +99,10 @@ class UniLoraAdapter:
             layer = self._first_layer if self._first_layer is not None and not self._first_layer.merged else None
             if layer is not None:
                 weight = layer.base_layer.weight
-                dtype = weight.dtype if weight.is_floating_point() else torch.float32
                 if torch.is_autocast_enabled(weight.device.type):
-                    dtype = torch.get_autocast_dtype(weight.device.type)
-                self.lora_pair(layer.spec, weight.device, dtype)
+                    self.lora_pair(layer.spec, weight.device, torch.get_autocast_dtype(weight.device.type))
+                elif weight.is_floating_point():  # a quantized base reads out lazily, in its compute dtype
+                    self.lora_pair(layer.spec, weight.device, weight.dtype)
 
     def _close_pass(self, module, args, output):
         self._forward_depth = max(0, self._forward_depth - 1)
@@ -219,6 +219,12 @@ class UniLoraAdapter:
             )
         from .kernels import merge_delta_
 
+        for name, layer in self.wrapped_layers():
+            if not layer.base_layer.weight.is_floating_point():
+                raise AdapterStateError(
+                    f"{name!r} has a quantized weight ({type(layer.base_layer).__name__}); ΔW cannot be merged into "
+                    "it. Run the adapter unmerged, or load the base in bf16/fp16 to merge."
+                )
         theta_D = self._theta_D_now()
         with torch.no_grad():
             for name, layer in self.wrapped_layers():

@@ -20,7 +20,7 @@ import os
 
 from .config import UniLoraConfig
 from .layer import UniLoraLinear
-from .trainer import UniLoraTrainerMixin, attach, upcast_trainable
+from .trainer import UniLoraTrainerMixin, attach, quantized_base_accepted, upcast_trainable
 
 from transformers import set_seed
 
@@ -32,6 +32,14 @@ except ImportError as exc:  # trl missing or broken
         f"UniLoraSFTTrainer needs trl (>= 1.16), which could not be imported ({exc}). Install it with "
         '`pip install "unilora_hf[trl]"`.'
     ) from exc
+
+
+def _is_bnb_config(config) -> bool:
+    """True for no quantization config or a bitsandbytes one (a BitsAndBytesConfig or its dict)."""
+    if config is None:
+        return True
+    method = config.get("quant_method") if isinstance(config, dict) else getattr(config, "quant_method", None)
+    return str(getattr(method, "value", method)) == "bitsandbytes"
 
 
 class UniLoraSFTMixin(UniLoraTrainerMixin):
@@ -67,10 +75,11 @@ class UniLoraSFTMixin(UniLoraTrainerMixin):
                 f"{type(self).__name__} got peft_config{both}: it trains a Uni-LoRA adapter, configured by "
                 "unilora_config=UniLoraConfig(...). Drop peft_config, or use trl.SFTTrainer for a PEFT adapter."
             )
-        if given.get("quantization_config") is not None:
+        if not _is_bnb_config(given.get("quantization_config")):
             raise ValueError(
-                "quantization_config was given, but this version of unilora_hf trains Uni-LoRA on unquantized "
-                "bases only (bf16/fp16/fp32): drop it and set args.model_init_kwargs={'dtype': 'bfloat16'} instead."
+                "quantization_config was given, but unilora_hf trains Uni-LoRA on bitsandbytes 4-bit/8-bit and "
+                "unquantized bases only: pass a BitsAndBytesConfig in args.model_init_kwargs, or set "
+                "args.model_init_kwargs={'dtype': 'bfloat16'}."
             )
         args = given.get("args")
         if args is None:  # SFTTrainer's own default, made here because the model is loaded here
@@ -110,7 +119,8 @@ class UniLoraSFTMixin(UniLoraTrainerMixin):
         if model_init_kwargs is not None:
             args.model_init_kwargs = None
         try:
-            super().__init__(*bound.args, **bound.kwargs)
+            with quantized_base_accepted(model):
+                super().__init__(*bound.args, **bound.kwargs)
         finally:
             if model_init_kwargs is not None:
                 args.model_init_kwargs = model_init_kwargs
@@ -123,10 +133,11 @@ class UniLoraSFTMixin(UniLoraTrainerMixin):
         loads them: ``args.model_init_kwargs``, ``dtype`` float32 unless set, ``device_map`` None on CPU and
         in distributed runs, ``trust_remote_code`` from ``args``."""
         init_kwargs = dict(getattr(args, "model_init_kwargs", None) or {})
-        if init_kwargs.get("quantization_config") is not None:
+        if not _is_bnb_config(init_kwargs.get("quantization_config")):
             raise ValueError(
-                "args.model_init_kwargs holds a quantization_config, but this version of unilora_hf trains "
-                "Uni-LoRA on unquantized bases only: drop it and set dtype='bfloat16' instead."
+                "args.model_init_kwargs holds a quantization_config other than bitsandbytes; unilora_hf trains "
+                "Uni-LoRA on bitsandbytes 4-bit/8-bit and unquantized bases only: use a BitsAndBytesConfig or "
+                "set dtype='bfloat16' instead."
             )
         if args.distributed_state.distributed_type in ["MULTI_GPU", "DEEPSPEED"]:
             init_kwargs["device_map"] = None

@@ -10,6 +10,7 @@ optimizer, scheduler and RNG state that resuming needs; ``push_to_hub`` uploads 
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any, Callable
 
@@ -23,14 +24,39 @@ from .model import UniLoraAdapter, get_adapter, has_adapter, inject_adapter, unw
 from .serialization import read_adapter
 
 
+def _quant_method(model) -> str | None:
+    """The quantization method of a transformers model (``"bitsandbytes"``, ...), or None."""
+    if not (getattr(model, "is_quantized", False) or getattr(model, "hf_quantizer", None) is not None):
+        return None
+    config = getattr(getattr(model, "hf_quantizer", None), "quantization_config", None)
+    method = getattr(config, "quant_method", "unknown method")
+    return str(getattr(method, "value", method))
+
+
 def _refuse_quantized(model) -> None:
-    if getattr(model, "is_quantized", False) or getattr(model, "hf_quantizer", None) is not None:
-        method = getattr(getattr(model, "hf_quantizer", None), "quantization_config", None)
+    method = _quant_method(model)
+    if method is not None and method != "bitsandbytes":
         raise ValueError(
-            f"the base model is quantized ({getattr(method, 'quant_method', 'unknown method')}); this version of "
-            "unilora_hf trains Uni-LoRA on unquantized bases only (bf16/fp16/fp32). Load the base with dtype="
-            "torch.bfloat16 instead of a quantization_config."
+            f"the base model is quantized with {method!r}; unilora_hf trains Uni-LoRA on bitsandbytes 4-bit/8-bit "
+            "bases and on unquantized ones (bf16/fp16/fp32) only. Load the base with "
+            "BitsAndBytesConfig(load_in_4bit=True) or dtype=torch.bfloat16."
         )
+
+
+@contextlib.contextmanager
+def quantized_base_accepted(model):
+    """Inside the block, transformers' ``validate_quantization_for_training`` (run by ``Trainer.__init__``)
+    sees the bitsandbytes base as carrying a trainable adapter, which it does: θ_d (float32) is trained, the
+    quantized weights stay frozen. It otherwise refuses every quantized model that is not a PEFT model."""
+    flag = "_hf_peft_config_loaded"
+    patch = _quant_method(model) == "bitsandbytes" and not getattr(model, flag, False)
+    if patch:
+        setattr(model, flag, True)
+    try:
+        yield
+    finally:
+        if patch:
+            setattr(model, flag, False)
 
 
 def attach(model, unilora_config: UniLoraConfig | None) -> UniLoraAdapter:
@@ -253,4 +279,5 @@ class UniLoraTrainer(UniLoraTrainerMixin, Trainer):
         if model is not None:
             attach(model, unilora_config)
             upcast_trainable(model, args)
-        super().__init__(model, args, *pos, **kwargs)
+        with quantized_base_accepted(model):
+            super().__init__(model, args, *pos, **kwargs)
