@@ -14,7 +14,7 @@ from importlib import metadata, resources
 from pathlib import Path
 from typing import Any
 
-from .errors import AdapterFormatError
+from .errors import AdapterFormatError, HubPushError
 from .projection import PEFT
 from .serialization import (
     CONFIG_NAME, PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, WEIGHTS_NAME, AdapterFiles, read_adapter,
@@ -179,7 +179,7 @@ def push_adapter(model_or_folder, repo_id: str, *, private: bool | None = None, 
                     f"the Hub refused the token for {repo_id} (HTTP {status}): pass a write token with token= or "
                     "log in with `hf auth login`; nothing was uploaded"
                 ) from None
-            raise RuntimeError(
+            raise HubPushError(
                 f"pushing to {repo_id} failed (HTTP {status}): {exc.server_message or exc}. Nothing was "
                 "committed (a Hub commit is all or nothing); run the push again"
             ) from None
