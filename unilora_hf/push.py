@@ -136,7 +136,7 @@ def push_adapter(model_or_folder, repo_id: str, *, private: bool | None = None, 
     try:
         validate_repo_id(repo_id)
     except HFValidationError as exc:
-        raise ValueError(f"invalid repo id {repo_id!r}: {exc}. Use 'namespace/name'.") from None
+        raise ValueError(f"invalid repo id {repo_id!r}: {str(exc).rstrip('.')}. Use 'namespace/name'.") from None
     with tempfile.TemporaryDirectory() as tmp:
         if isinstance(model_or_folder, (str, os.PathLike)):
             folder = Path(model_or_folder)
