@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
-from models import output, tiny_llama, tokens
+from models import output, tiny_gpt2, tiny_llama, tokens
 
 from unilora_hf import (
     AdapterStateError, UniLoraAdapter, UniLoraConfig, get_adapter, inject_adapter, load_adapter, push_adapter,
@@ -139,5 +139,10 @@ def test_local_folder_and_misuse(tmp_path):
     assert handle.fingerprint == get_adapter(source).fingerprint and handle.D == get_adapter(source).D
     with pytest.raises(AdapterStateError, match="already has a Uni-LoRA adapter"):
         load_adapter(model, tmp_path / "adapter")
+    other = tiny_gpt2()
+    before = output(other, tokens(other))
+    with pytest.raises(ValueError, match="matched no module of GPT2LMHeadModel"):
+        load_adapter(other, tmp_path / "adapter")
+    assert not hasattr(other, "unilora_theta_d") and torch.equal(output(other, tokens(other)), before)
     with pytest.raises(TypeError, match="UniLoraAutoModel.from_pretrained"):
         load_adapter("base/model-id", tmp_path / "adapter")

@@ -121,8 +121,9 @@ def load_adapter(model: nn.Module, adapter: str | os.PathLike, *, revision: str 
     ``HF_HUB_OFFLINE=1`` serves the adapter from the cache. Either file format loads (unilora_hf's native
     one, or PEFT's UNILORA one). The projection is rebuilt from the stored seed, the model's adapted
     layers are checked against the stored layout (LayoutMismatchError names the first difference), and
-    θ_d and any trained heads are loaded into the model's own device and dtype. The adapter starts
-    unmerged and enabled; the model's train/eval mode is left as it is.
+    θ_d (float32, on the device of the model's first adapted weight) and any trained heads (in the model's
+    dtype) are loaded; when a check fails, the model is left as it was. The adapter starts unmerged and
+    enabled; the model's train/eval mode is left as it is.
     """
     from .errors import AdapterStateError
     from .model import has_adapter, unwrap
