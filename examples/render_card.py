@@ -17,7 +17,9 @@ import tempfile
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForLanguageModeling, TrainingArguments
+from transformers import (
+    AutoModelForCausalLM, AutoTokenizer, DataCollatorForLanguageModeling, TrainingArguments, set_seed,
+)
 
 from unilora_hf import UniLoraConfig, UniLoraTrainer, read_adapter
 from unilora_hf.push import base_parameter_count, loss_svg, render_card
@@ -39,6 +41,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     args = parser.parse_args()
 
+    set_seed(0)  # θ_d is drawn when the trainer attaches the adapter, before Trainer seeds anything
     base = HERE / "data" / "stories260K"
     tokenizer = AutoTokenizer.from_pretrained(base)
     tokenizer.pad_token = tokenizer.unk_token
