@@ -7,6 +7,8 @@ fixed, seeded, isometric projection, so an adapter is θ_d plus a seed.
 from .auto import UniLoraAutoModel
 from .config import UniLoraConfig
 from .errors import AdapterFormatError, AdapterStateError, LayoutMismatchError, UniLoraError
+from .errors import HubPushError
+from .hub import load_adapter
 from .layer import UniLoraLinear
 from .model import UniLoraAdapter, get_adapter, has_adapter, inject_adapter
 from .peft_export import export_lora
@@ -19,6 +21,7 @@ from .version import __version__
 __all__ = [
     "AdapterFormatError",
     "AdapterStateError",
+    "HubPushError",
     "LayoutMismatchError",
     "Projection",
     "UniLoraAdapter",
@@ -32,6 +35,7 @@ __all__ = [
     "get_adapter",
     "has_adapter",
     "inject_adapter",
+    "load_adapter",
     "push_adapter",
     "read_adapter",
     "save_adapter",

@@ -15,3 +15,7 @@ class LayoutMismatchError(UniLoraError, ValueError):
 
 class AdapterStateError(UniLoraError, RuntimeError):
     """The operation does not fit the model's current adapter state (already injected, merged, ...)."""
+
+
+class HubPushError(UniLoraError, RuntimeError):
+    """A push to the Hub failed; a Hub commit is all or nothing, so the repo is as it was before."""

@@ -14,7 +14,7 @@ from importlib import metadata, resources
 from pathlib import Path
 from typing import Any
 
-from .errors import AdapterFormatError
+from .errors import AdapterFormatError, HubPushError
 from .projection import PEFT
 from .serialization import (
     CONFIG_NAME, PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, WEIGHTS_NAME, AdapterFiles, read_adapter,
@@ -49,6 +49,32 @@ def _versions() -> dict[str, str]:
     return out
 
 
+def _is_hub_id(name: str) -> bool:
+    """Whether ``name`` reads as a Hub model id (and is not a local folder or path)."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if os.path.isabs(name) or name.startswith((".", "~")) or os.path.isdir(name) or name.count("/") > 1:
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def base_parameter_count(model) -> int:
+    """Parameters of the base model under an adapter (θ_d and the trained head copies left out)."""
+    return sum(p.numel() for n, p in model.named_parameters() if "unilora_theta_d" not in n
+               and ".modules_to_save." not in n)
+
+
+def _shown_metrics(metrics: dict) -> dict:
+    """The metrics worth a row in the card (no timings), floats to 4 decimals."""
+    return {k: f"{v:.4f}" if isinstance(v, float) else v for k, v in metrics.items()
+            if not k.endswith(("_runtime", "_per_second")) and k != "epoch"}
+
+
 def _human(n: int) -> str:
     return f"{n / 1024:.1f} KiB" if n < 1024**2 else f"{n / 1024**2:.1f} MiB"
 
@@ -79,7 +105,10 @@ def render_card(files: AdapterFiles, repo_id: str, training_summary: dict | None
     cfg, meta, base = files.config, files.meta, files.base_model
     summary = training_summary or {}
     base_id = base.get("name_or_path")
-    hub_base = base_id if base_id and not os.path.isabs(str(base_id)) and str(base_id).count("/") == 1 else None
+    hub_base = str(base_id) if base_id and _is_hub_id(str(base_id)) else None
+    # A base that was a local folder cannot be named in a published snippet: show a placeholder path.
+    local_name = Path(str(base_id)).name if base_id and not hub_base else None
+    base_repr = repr(hub_base or (f"path/to/{local_name}" if local_name else "BASE_MODEL_ID"))
     auto_class = base.get("auto_class") or "AutoModel"
     pipeline = PIPELINE_TAGS.get(auto_class)
     metrics = summary.get("metrics") or {}
@@ -99,7 +128,7 @@ def render_card(files: AdapterFiles, repo_id: str, training_summary: dict | None
     targets = cfg.target_modules if cfg.target_modules is not None else "architecture default"
     card = ModelCard.from_template(
         card_data, template_path=str(template_path()),
-        model_name=repo_id.split("/")[-1], base_model=hub_base, base_model_repr=repr(base_id or "BASE_MODEL_ID"),
+        model_name=repo_id.split("/")[-1], base_model=hub_base, base_model_repr=base_repr, base_local_name=local_name,
         repo_id_repr=repr(repo_id), repo_id_plain=repo_id, peft_loadable=cfg.projection == PEFT,
         auto_class=auto_class, r=cfg.r, theta_d_length=cfg.theta_d_length, D=meta.get("D", 0),
         projection=cfg.projection, projection_spec=meta.get("projection_spec", "peft-0.21"),
@@ -107,7 +136,7 @@ def render_card(files: AdapterFiles, repo_id: str, training_summary: dict | None
         modules_to_save=", ".join(cfg.modules_to_save or []), trainable=trainable, base_params=base_params,
         trainable_share=f"{100 * trainable / base_params:.4f}%" if base_params else "",
         fingerprint=meta.get("layout", {}).get("fingerprint", "not recorded"),
-        hyperparameters=summary.get("hyperparameters") or {}, metrics=metrics,
+        hyperparameters=summary.get("hyperparameters") or {}, metrics=_shown_metrics(metrics),
         loss_plot=bool(summary.get("loss_history")), versions=_versions(),
         adapter_bytes_human=_human(adapter_bytes or 4 * cfg.theta_d_length),
     )
@@ -136,7 +165,7 @@ def push_adapter(model_or_folder, repo_id: str, *, private: bool | None = None, 
     try:
         validate_repo_id(repo_id)
     except HFValidationError as exc:
-        raise ValueError(f"invalid repo id {repo_id!r}: {exc}. Use 'namespace/name'.") from None
+        raise ValueError(f"invalid repo id {repo_id!r}: {str(exc).rstrip('.')}. Use 'namespace/name'.") from None
     with tempfile.TemporaryDirectory() as tmp:
         if isinstance(model_or_folder, (str, os.PathLike)):
             folder = Path(model_or_folder)
@@ -150,10 +179,7 @@ def push_adapter(model_or_folder, repo_id: str, *, private: bool | None = None, 
         names = [n for n in (CONFIG_NAME, WEIGHTS_NAME, PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME) if (folder / n).is_file()]
         if len(names) != 2:
             raise AdapterFormatError(f"{folder} must hold exactly one adapter (config + weights); found {names}")
-        base_params = None
-        if model is not None:
-            base_params = sum(p.numel() for n, p in model.named_parameters() if "unilora_theta_d" not in n
-                              and ".modules_to_save." not in n)
+        base_params = base_parameter_count(model) if model is not None else None
         api = HfApi(endpoint=endpoint, token=token)
         try:
             api.create_repo(repo_id, private=private, exist_ok=True, token=token)
@@ -179,7 +205,7 @@ def push_adapter(model_or_folder, repo_id: str, *, private: bool | None = None, 
                     f"the Hub refused the token for {repo_id} (HTTP {status}): pass a write token with token= or "
                     "log in with `hf auth login`; nothing was uploaded"
                 ) from None
-            raise RuntimeError(
+            raise HubPushError(
                 f"pushing to {repo_id} failed (HTTP {status}): {exc.server_message or exc}. Nothing was "
                 "committed (a Hub commit is all or nothing); run the push again"
             ) from None

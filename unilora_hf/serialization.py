@@ -343,7 +343,11 @@ def apply_adapter(model: torch.nn.Module, files: AdapterFiles):
     adapter = inject_adapter(model, files.config, theta_d=files.theta_d)
     stored_indices = files.meta.pop("stored_indices", None)
     if stored_indices:
-        _check_stored_indices(adapter, stored_indices)
+        try:
+            _check_stored_indices(adapter, stored_indices)
+        except AdapterFormatError:
+            adapter.unload()
+            raise
     live = adapter.trainable_state()
     missing = sorted(set(live) - set(files.tensors))
     unexpected = sorted(set(files.tensors) - set(live))
