@@ -18,6 +18,7 @@ from transformers import Trainer
 from transformers.trainer_pt_utils import get_parameter_names
 
 from .config import UniLoraConfig
+from .distributed import AdapterState, gather_adapter_state, load_adapter_state
 from .errors import AdapterFormatError, LayoutMismatchError
 from .model import UniLoraAdapter, get_adapter, has_adapter, inject_adapter, unwrap
 from .serialization import read_adapter
@@ -70,10 +71,7 @@ def load_adapter_weights(model, folder: str | os.PathLike) -> None:
     live = adapter.trainable_state()
     if set(live) != set(files.tensors):
         raise AdapterFormatError(f"checkpoint {folder} holds heads {sorted(files.tensors)}, this run trains {sorted(live)}")
-    with torch.no_grad():
-        adapter.theta_d.copy_(files.theta_d.to(adapter.theta_d.device))
-        for name, tensor in files.tensors.items():
-            live[name].copy_(tensor.to(live[name].device, live[name].dtype))
+    load_adapter_state(model, AdapterState(files.theta_d, files.tensors))
 
 
 class UniLoraTrainerMixin:
@@ -122,16 +120,41 @@ class UniLoraTrainerMixin:
         self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
         return self.optimizer
 
-    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        """Write the adapter files (kilobytes) instead of the full model."""
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Under FSDP: gather θ_d and the heads on every rank (never the frozen base model), write them from
+        rank 0. Otherwise as ``Trainer.save_model``, whose ``_save`` writes the adapter."""
+        if not getattr(self, "is_fsdp_enabled", False):
+            return super().save_model(output_dir, _internal_call=_internal_call)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        state = gather_adapter_state(self.model)
+        self._save(output_dir, adapter_state=state)
+        if self.args.push_to_hub and not _internal_call:
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None,
+              adapter_state: AdapterState | None = None) -> None:
+        """Write the adapter files (kilobytes) instead of the full model, on the process that saves."""
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if not self.args.should_save:
             return
         os.makedirs(output_dir, exist_ok=True)
-        get_adapter(self.model).save_adapter(output_dir)
+        get_adapter(self.model).save_adapter(output_dir, state=adapter_state)
         if self.save_processing_class and self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
             torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        """Under FSDP, Trainer would also write the whole base model next to the optimizer; keep the
+        checkpoint to the adapter (saved by ``save_model``), the optimizer and the scheduler."""
+        if not getattr(self, "is_fsdp_enabled", False):
+            return super()._save_optimizer_and_scheduler(output_dir)
+        from accelerate.utils import save_fsdp_optimizer
+        from transformers.trainer import SCHEDULER_NAME
+
+        save_fsdp_optimizer(self.accelerator.state.fsdp_plugin, self.accelerator, self.optimizer, self.model,
+                            output_dir)
+        if self.args.should_save:
+            torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         load_adapter_weights(self.model if model is None else model, resume_from_checkpoint)
