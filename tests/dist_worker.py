@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from models import tiny_llama  # noqa: E402
 
 import unilora_hf.serialization as serialization  # noqa: E402
-from unilora_hf import UniLoraConfig, UniLoraTrainer  # noqa: E402
+from unilora_hf import AdapterStateError, UniLoraConfig, UniLoraTrainer, get_adapter  # noqa: E402
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 CFG = UniLoraConfig(r=2, theta_d_length=301, target_modules=PROJECTIONS)
@@ -70,6 +70,11 @@ class CpuFsdpTrainer(UniLoraTrainer):
             if state.fsdp_plugin.fsdp_version == 1:
                 # accelerate hands FSDP1 device_id=cpu:<local rank>, which FSDP1 does not match with "cpu".
                 state.device = torch.device("cpu")
+                # torch 2.13 FSDP1 bug, CPU only: _optim_utils._allgather_orig_param_states gathers every
+                # optimizer state into ONE reused buffer and returns views of it, which become copies only
+                # through .cpu() when offload_to_cpu is set; on a CPU compute device .cpu() is a no-op, so
+                # exp_avg comes out equal to exp_avg_sq. Without offload it clones instead.
+                state.fsdp_plugin.optim_state_dict_config.offload_to_cpu = False
 
 
 def training_args(job: dict, out: Path):
@@ -110,14 +115,22 @@ def run_job(job: dict) -> None:
 
         AcceleratorState._reset_state()
         model = tiny_llama()
+        phase = "construction"
         try:
             trainer = CpuFsdpTrainer(model, training_args(job, out), train_dataset=Tokens(), unilora_config=CFG)
+            phase = "training"
             trainer.train(resume_from_checkpoint=job.get("resume"))
         except (ValueError, RuntimeError) as exc:
-            (out / f"error_rank{rank}.txt").write_text(f"{type(exc).__name__}: {exc}")
+            (out / f"error_rank{rank}.txt").write_text(f"{phase}: {type(exc).__name__}: {exc}")
             if job.get("expect_error"):
                 return
             raise
+        if job["mode"] == "fsdp2":
+            # Saving the live, sharded θ_d from one rank must be refused, not write a shard.
+            try:
+                get_adapter(model).save_adapter(out / "direct")
+            except AdapterStateError as exc:
+                (out / f"direct_save_rank{rank}.txt").write_text(str(exc))
         trainer.save_model(str(out / "final"))
     finally:
         serialization.save_file = real_save_file

@@ -74,6 +74,39 @@ def load_adapter_weights(model, folder: str | os.PathLike) -> None:
     load_adapter_state(model, AdapterState(files.theta_d, files.tensors))
 
 
+def _uses_reentrant_checkpointing(model, args) -> bool:
+    """Whether training will run reentrant activation checkpointing: asked for through ``args`` (transformers
+    defaults to non-reentrant; torch's ``checkpoint`` to reentrant when kwargs omit ``use_reentrant``), or
+    already switched on in ``model``."""
+    if getattr(args, "activation_checkpointing", False):
+        kwargs = dict(args.activation_checkpointing_kwargs or {})
+        kwargs.pop("every_n_layers", None)
+        kwargs.pop("offload", None)
+        return bool(kwargs) and kwargs.get("use_reentrant", True) is not False
+    for module in unwrap(model).modules():
+        func = module.__dict__.get("_gradient_checkpointing_func")
+        if func is not None and getattr(module, "gradient_checkpointing", False):
+            if getattr(func, "keywords", {}).get("use_reentrant", True) is not False:
+                return True
+    return False
+
+
+def refuse_reentrant_under_ddp(trainer) -> None:
+    """Reentrant checkpointing under DDP trains θ_d on a wrong gradient, silently: every checkpointed layer
+    adds to θ_d's gradient in its own nested backward, and DDP all-reduces θ_d at the first of them. With
+    ``ddp_static_graph=True`` DDP waits for all of them (tests/test_distributed.py checks both)."""
+    args = trainer.args
+    ddp = (args.world_size > 1 and not getattr(trainer, "is_fsdp_enabled", False)
+           and not getattr(trainer, "is_deepspeed_enabled", False))
+    if ddp and not args.ddp_static_graph and _uses_reentrant_checkpointing(trainer.model, args):
+        raise ValueError(
+            "reentrant activation checkpointing under DDP gives θ_d a wrong gradient: θ_d is shared by every "
+            "checkpointed layer, each adds to its gradient in a separate backward pass, and DDP all-reduces it "
+            "after the first one. Use non-reentrant checkpointing (activation_checkpointing_kwargs="
+            "{'use_reentrant': False}, transformers' default), or keep it reentrant and set ddp_static_graph=True."
+        )
+
+
 class UniLoraTrainerMixin:
     """The Uni-LoRA behaviour shared by `UniLoraTrainer` and `UniLoraSFTTrainer`."""
 
@@ -238,3 +271,4 @@ class UniLoraTrainer(UniLoraTrainerMixin, Trainer):
         if model is not None:
             attach(model, unilora_config)
         super().__init__(model, args, *pos, **kwargs)
+        refuse_reentrant_under_ddp(self)
