@@ -12,6 +12,9 @@ JOBS.json is a list of jobs run one after the other in the same process group; e
     ac          None | "nonreentrant" | "reentrant"   (Trainer's activation_checkpointing)
     save_steps  save a checkpoint every that many steps (optional)
     resume      checkpoint folder to resume from (optional)
+    static_graph          pass ddp_static_graph=True (optional)
+    rank1_theta_differs   inject before the Trainer and give rank 1 another θ_d (optional)
+    expect_error          record an exception of the Trainer and go on to the next job (optional)
 Each job ends with ``trainer.save_model(<root>/<name>/final)`` on every rank (the adapter is written by rank 0).
 Each rank records, in ``<root>/<name>/writes_rank<r>.txt``, every adapter file it wrote itself, and, in
 ``<root>/<name>/error_rank<r>.txt``, the message of an exception the Trainer raised.
@@ -36,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from models import tiny_llama  # noqa: E402
 
 import unilora_hf.serialization as serialization  # noqa: E402
-from unilora_hf import AdapterStateError, UniLoraConfig, UniLoraTrainer, get_adapter  # noqa: E402
+from unilora_hf import AdapterStateError, UniLoraConfig, UniLoraTrainer, get_adapter, inject_adapter  # noqa: E402
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 CFG = UniLoraConfig(r=2, theta_d_length=301, target_modules=PROJECTIONS)
@@ -115,9 +118,17 @@ def run_job(job: dict) -> None:
 
         AcceleratorState._reset_state()
         model = tiny_llama()
+        config = CFG
+        if job.get("rank1_theta_differs"):
+            # As if the ranks' RNGs had diverged before injection: the Trainer must start all from rank 0's θ_d.
+            inject_adapter(model, CFG)
+            config = None
+            if rank == 1:
+                with torch.no_grad():
+                    get_adapter(model).theta_d.uniform_(-0.5, 0.5)
         phase = "construction"
         try:
-            trainer = CpuFsdpTrainer(model, training_args(job, out), train_dataset=Tokens(), unilora_config=CFG)
+            trainer = CpuFsdpTrainer(model, training_args(job, out), train_dataset=Tokens(), unilora_config=config)
             phase = "training"
             trainer.train(resume_from_checkpoint=job.get("resume"))
         except (ValueError, RuntimeError) as exc:

@@ -57,6 +57,7 @@ def runs(tmp_path_factory):
         job("fsdp2", "fsdp2", save_steps=2),
         job("fsdp2_resumed", "fsdp2", resume=str(root / "fsdp2" / "checkpoint-2")),
         job("fsdp2_ac", "fsdp2", ac="nonreentrant"),
+        job("fsdp2_rank1_theta_differs", "fsdp2", rank1_theta_differs=True),
         job("fsdp1", "fsdp1", save_steps=2),
         job("fsdp1_resumed", "fsdp1", resume=str(root / "fsdp1" / "checkpoint-2")),
     ]
@@ -70,7 +71,8 @@ def theta(root: Path, name: str, folder: str = "final") -> torch.Tensor:
     return read_adapter(root / name / folder).theta_d
 
 
-@pytest.mark.parametrize("name", ["ddp", "ddp_ac", "ddp_reentrant_static", "fsdp2", "fsdp2_ac", "fsdp1"])
+@pytest.mark.parametrize("name", ["ddp", "ddp_ac", "ddp_reentrant_static", "fsdp2", "fsdp2_ac",
+                                  "fsdp2_rank1_theta_differs", "fsdp1"])
 def test_theta_matches_single_process(runs, name):
     assert (theta(runs, name) - theta(runs, "single")).abs().max().item() < ATOL
 
@@ -131,3 +133,26 @@ def test_benchmark_runs_tiny_under_ddp_and_fsdp2(tmp_path):
         assert r["trainable"] == r["theta_d_length"]
     # Both strategies start from the same seed and see the same batches: the same loss curve.
     assert torch.allclose(torch.tensor(results[0]["losses"]), torch.tensor(results[1]["losses"]), atol=1e-4)
+
+
+def test_reentrant_checkpointing_is_detected_from_args_and_from_the_model(tmp_path):
+    from models import tiny_llama
+    from transformers import TrainingArguments
+
+    from unilora_hf.trainer import _uses_reentrant_checkpointing
+
+    def uses(model=None, **kw):
+        args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], **kw)
+        return _uses_reentrant_checkpointing(model if model is not None else tiny_llama(), args)
+
+    assert not uses()
+    assert not uses(activation_checkpointing=True)  # transformers' default is non-reentrant
+    assert not uses(activation_checkpointing=True, activation_checkpointing_kwargs={"every_n_layers": 2})
+    assert uses(activation_checkpointing=True, activation_checkpointing_kwargs={"use_reentrant": True})
+    # kwargs without use_reentrant go to torch.utils.checkpoint, which then runs reentrant
+    assert uses(activation_checkpointing=True, activation_checkpointing_kwargs={"preserve_rng_state": False})
+    model = tiny_llama()
+    model.gradient_checkpointing_enable()
+    assert not uses(model)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    assert uses(model)

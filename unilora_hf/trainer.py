@@ -107,6 +107,21 @@ def refuse_reentrant_under_ddp(trainer) -> None:
         )
 
 
+def broadcast_theta_from_rank0(trainer) -> None:
+    """Make every rank start from rank 0's θ_d. It is drawn from each process's own torch RNG at injection;
+    DDP broadcasts parameters when it wraps the model, but FSDP2 shards each rank's local copy, so ranks
+    whose RNG states differ would start from a mix of their draws."""
+    import torch.distributed as dist
+
+    if trainer.args.world_size <= 1 or not (dist.is_available() and dist.is_initialized()):
+        return
+    theta = get_adapter(trainer.model).theta_d
+    buffer = theta.detach().to(trainer.args.device)  # NCCL needs it on the GPU; the model may still be on CPU
+    dist.broadcast(buffer, src=0)
+    with torch.no_grad():
+        theta.copy_(buffer.to(theta.device))
+
+
 class UniLoraTrainerMixin:
     """The Uni-LoRA behaviour shared by `UniLoraTrainer` and `UniLoraSFTTrainer`."""
 
@@ -272,3 +287,4 @@ class UniLoraTrainer(UniLoraTrainerMixin, Trainer):
             attach(model, unilora_config)
         super().__init__(model, args, *pos, **kwargs)
         refuse_reentrant_under_ddp(self)
+        broadcast_theta_from_rank0(self)
