@@ -15,6 +15,7 @@ JOBS.json is a list of jobs run one after the other in the same process group; e
     static_graph          pass ddp_static_graph=True (optional)
     rank1_theta_differs   inject before the Trainer and give rank 1 another θ_d (optional)
     expect_error          record an exception of the Trainer and go on to the next job (optional)
+    heads                 also train lm_head in full (modules_to_save) (optional)
 Each job ends with ``trainer.save_model(<root>/<name>/final)`` on every rank (the adapter is written by rank 0).
 Each rank records, in ``<root>/<name>/writes_rank<r>.txt``, every adapter file it wrote itself, and, in
 ``<root>/<name>/error_rank<r>.txt``, the message of an exception the Trainer raised.
@@ -43,7 +44,7 @@ from unilora_hf import AdapterStateError, UniLoraConfig, UniLoraTrainer, get_ada
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 CFG = UniLoraConfig(r=2, theta_d_length=301, target_modules=PROJECTIONS)
-GLOBAL_BATCH = 4
+CFG_HEADS = UniLoraConfig(r=2, theta_d_length=301, target_modules=PROJECTIONS, modules_to_save=["lm_head"])
 
 
 class Tokens(Dataset):
@@ -118,10 +119,10 @@ def run_job(job: dict) -> None:
 
         AcceleratorState._reset_state()
         model = tiny_llama()
-        config = CFG
+        config = CFG_HEADS if job.get("heads") else CFG
         if job.get("rank1_theta_differs"):
             # As if the ranks' RNGs had diverged before injection: the Trainer must start all from rank 0's θ_d.
-            inject_adapter(model, CFG)
+            inject_adapter(model, config)
             config = None
             if rank == 1:
                 with torch.no_grad():

@@ -60,10 +60,14 @@ def runs(tmp_path_factory):
         job("fsdp2_rank1_theta_differs", "fsdp2", rank1_theta_differs=True),
         job("fsdp1", "fsdp1", save_steps=2),
         job("fsdp1_resumed", "fsdp1", resume=str(root / "fsdp1" / "checkpoint-2")),
+        job("fsdp2_heads", "fsdp2", heads=True),
+        job("fsdp1_heads", "fsdp1", heads=True),
     ]
     (root / "jobs.json").write_text(json.dumps(jobs))
     torchrun(REPO / "tests" / "dist_worker.py", [str(root / "jobs.json")])
     run_job({"name": "single", "root": str(root), "mode": "single", "steps": STEPS, "per_device": 4})
+    run_job({"name": "single_heads", "root": str(root), "mode": "single", "steps": STEPS, "per_device": 4,
+             "heads": True})
     return root
 
 
@@ -75,6 +79,20 @@ def theta(root: Path, name: str, folder: str = "final") -> torch.Tensor:
                                   "fsdp2_rank1_theta_differs", "fsdp1"])
 def test_theta_matches_single_process(runs, name):
     assert (theta(runs, name) - theta(runs, "single")).abs().max().item() < ATOL
+
+
+@pytest.mark.parametrize("name", ["fsdp2_heads", "fsdp1_heads"])
+def test_heads_in_modules_to_save_train_as_in_one_process(runs, name):
+    single, sharded = read_adapter(runs / "single_heads" / "final"), read_adapter(runs / name / "final")
+    assert (sharded.theta_d - single.theta_d).abs().max().item() < ATOL
+    assert sorted(sharded.tensors) == sorted(single.tensors) == ["lm_head.weight"]
+    head = sharded.tensors["lm_head.weight"]
+    assert head.shape == (96, 32)
+    assert (head - single.tensors["lm_head.weight"]).abs().max().item() < ATOL
+    # The head trained: it left the base model's lm_head, which the adapter file does not hold.
+    from models import tiny_llama
+
+    assert (head - tiny_llama().lm_head.weight.detach()).abs().max().item() > 1e-3
 
 
 def test_runs_trained(runs):
