@@ -9,7 +9,8 @@ JOBS.json is a list of jobs run one after the other in the same process group; e
     mode        "single" | "ddp" | "fsdp2" | "fsdp1"
     steps       optimizer steps (max_steps)
     per_device  per-device batch size; every run sees the same global batch per step
-    ac          None | "nonreentrant" | "reentrant"   (Trainer's activation_checkpointing)
+    ac          None | "nonreentrant" | "reentrant" (Trainer's activation_checkpointing) | "fsdp" (FSDP2's own,
+                fsdp_config["activation_checkpointing"]: accelerate wraps each decoder layer, non-reentrant)
     save_steps  save a checkpoint every that many steps (optional)
     resume      checkpoint folder to resume from (optional)
     static_graph          pass ddp_static_graph=True (optional)
@@ -88,13 +89,13 @@ def training_args(job: dict, out: Path):
               learning_rate=1e-2, lr_scheduler_type="constant", report_to=[], logging_steps=1, use_cpu=True,
               seed=0, data_seed=0, disable_tqdm=True, train_sampling_strategy="sequential",
               save_strategy="steps" if job.get("save_steps") else "no", save_steps=job.get("save_steps") or 500)
-    if job.get("ac"):
+    if job.get("ac") and job["ac"] != "fsdp":
         kw.update(activation_checkpointing=True,
                   activation_checkpointing_kwargs={"use_reentrant": job["ac"] == "reentrant"})
     if job.get("static_graph"):
         kw.update(ddp_static_graph=True)
     if job["mode"] == "fsdp2":
-        kw.update(fsdp=True, fsdp_config={"version": 2})
+        kw.update(fsdp=True, fsdp_config={"version": 2, "activation_checkpointing": job.get("ac") == "fsdp"})
     if job["mode"] == "fsdp1":
         # sync_module_states makes accelerate's FSDP1 plugin look for an accelerator device; every rank builds
         # the same seeded model here, so there is nothing to broadcast.

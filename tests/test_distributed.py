@@ -57,6 +57,7 @@ def runs(tmp_path_factory):
         job("fsdp2", "fsdp2", save_steps=2),
         job("fsdp2_resumed", "fsdp2", resume=str(root / "fsdp2" / "checkpoint-2")),
         job("fsdp2_ac", "fsdp2", ac="nonreentrant"),
+        job("fsdp2_fsdp_ac", "fsdp2", ac="fsdp"),
         job("fsdp2_rank1_theta_differs", "fsdp2", rank1_theta_differs=True),
         job("fsdp1", "fsdp1", save_steps=2),
         job("fsdp1_resumed", "fsdp1", resume=str(root / "fsdp1" / "checkpoint-2")),
@@ -75,7 +76,7 @@ def theta(root: Path, name: str, folder: str = "final") -> torch.Tensor:
     return read_adapter(root / name / folder).theta_d
 
 
-@pytest.mark.parametrize("name", ["ddp", "ddp_ac", "ddp_reentrant_static", "fsdp2", "fsdp2_ac",
+@pytest.mark.parametrize("name", ["ddp", "ddp_ac", "ddp_reentrant_static", "fsdp2", "fsdp2_ac", "fsdp2_fsdp_ac",
                                   "fsdp2_rank1_theta_differs", "fsdp1"])
 def test_theta_matches_single_process(runs, name):
     assert (theta(runs, name) - theta(runs, "single")).abs().max().item() < ATOL

@@ -82,8 +82,6 @@ def gather_adapter_state(model: nn.Module) -> AdapterState:
 def load_adapter_state(model: nn.Module, state: AdapterState) -> None:
     """Copy whole tensors into ``model``'s adapter in place, each rank keeping its own shard (the
     parameter objects, which an optimizer may hold, stay the same). A collective under FSDP1."""
-    from torch.distributed.tensor import distribute_tensor
-
     wanted = {THETA_NAME: state.theta_d, **state.tensors}
     with _fsdp1_whole(model, writeback=True) if _fsdp1_units(model) else contextlib.nullcontext():
         with torch.no_grad():
@@ -93,6 +91,8 @@ def load_adapter_state(model: nn.Module, state: AdapterState) -> None:
                     raise KeyError(f"no tensor for the trained parameter {key!r}")
                 src = wanted[key].to(param.device, param.dtype)
                 if _is_dtensor(param):
+                    from torch.distributed.tensor import distribute_tensor
+
                     # Every rank has the whole tensor: cut out its own shard, no communication.
                     src = distribute_tensor(src, param.device_mesh, param.placements, src_data_rank=None)
                 param.copy_(src)
