@@ -49,8 +49,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--seq", type=int, default=1024)
     p.add_argument("--batch", type=int, default=4, help="sequences per GPU per step")
-    p.add_argument("--r", type=int, default=16)
-    p.add_argument("--d", type=int, default=2**19, help="θ_d length")
+    # Not --r / --d: torchrun would take those for abbreviations of its own --rdzv-* options.
+    p.add_argument("--lora-r", dest="r", type=int, default=16, help="rank r of the LoRA matrices")
+    p.add_argument("--theta-d", dest="d", type=int, default=2**19, help="θ_d length")
     p.add_argument("--projection", default="native", choices=["native", "peft"])
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])

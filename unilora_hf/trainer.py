@@ -6,6 +6,11 @@ that already has one, or wraps ``model_init`` so every trial gets a fresh adapte
 optimizer group, found by identity, with ``unilora_learning_rate`` (default: ``args.learning_rate``) and
 no weight decay; heads keep ``args.learning_rate``. Checkpoints hold the adapter files plus the
 optimizer, scheduler and RNG state that resuming needs; ``push_to_hub`` uploads the adapter repo.
+
+Under ``torchrun`` / ``accelerate launch`` it runs with DDP, FSDP2 and FSDP1 (``use_orig_params=True``):
+rank 0's θ_d is broadcast at construction; under FSDP, ``save_model`` gathers θ_d and the heads on every
+rank and writes them from rank 0, and checkpoints leave the base model out. Reentrant activation
+checkpointing under DDP is refused unless ``ddp_static_graph=True`` (see `refuse_reentrant_under_ddp`).
 """
 
 from __future__ import annotations
