@@ -397,3 +397,53 @@ class TestCuda:
         theta = torch.randn(23, device=self.DEV, requires_grad=True)
         compiled(theta).backward()
         assert_grad_close(theta.grad, dense_grad(P, w.cpu()), 5000 // 23 + 1)
+
+
+# -- Kernel C: merge ---------------------------------------------------------------------------------
+
+
+MERGE_SHAPES = [(1, 1, 1), (33, 130, 1), (129, 37, 4), (5, 300, 16)]
+
+
+def _merge_case(n_out, n_in, r, dtype, fifo, device="cpu"):
+    g = torch.Generator().manual_seed(n_out * 1000 + n_in + r)
+    A = torch.randn(r, n_in, generator=g)
+    B = torch.randn(n_out, r, generator=g)
+    shape = (n_in, n_out) if fifo else (n_out, n_in)
+    W = torch.randn(shape, generator=g).to(dtype)
+    return W.to(device), A.to(device), B.to(device)
+
+
+@pytest.mark.parametrize("n_out,n_in,r", MERGE_SHAPES, ids=lambda v: str(v))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("fifo", [False, True], ids=["linear", "conv1d"])
+def test_merge_kernel_matches_reference(n_out, n_in, r, dtype, fifo):
+    W, A, B = _merge_case(n_out, n_in, r, dtype, fifo)
+    with force_backend("reference"):
+        want = dispatch.merge_delta_(W, A, B, fan_in_fan_out=fifo, out=torch.empty_like(W))
+    delta = (B.double() @ A.double()).T if fifo else B.double() @ A.double()
+    magnitude = B.double().abs() @ A.double().abs()
+    magnitude = magnitude.T if fifo else magnitude
+    exact = W.double() + delta
+    with force_backend("triton"):
+        got = dispatch.merge_delta_(W.clone(), A, B, fan_in_fan_out=fifo)
+        back = dispatch.merge_delta_(got.clone(), A, B, sign=-1.0, fan_in_fan_out=fifo)
+    # both round an r-term float32 ΔW (summed in their own order) plus W once to the dtype: within one
+    # rounding step of the dtype, plus float32 error of ΔW, of the exact sum
+    step = torch.finfo(dtype).eps * exact.abs() + 4 * r * 2**-24 * (W.double().abs() + magnitude) + 1e-30
+    for merged in (want, got):
+        assert merged.dtype == dtype and merged.shape == W.shape
+        assert ((merged.double() - exact).abs() <= step).all()
+    if dtype == torch.float32:
+        torch.testing.assert_close(back, W, rtol=1e-5, atol=1e-5 * float(delta.abs().max()))
+
+
+def test_merge_kernel_writes_only_the_weight_and_handles_strided_views():
+    W, A, B = _merge_case(40, 70, 3, torch.float32, False)
+    big = torch.zeros(40, 90)
+    view = big[:, 10:80]
+    view.copy_(W)
+    with force_backend("triton"):
+        dispatch.merge_delta_(view, A, B)
+    torch.testing.assert_close(view, W + B @ A, rtol=1e-6, atol=1e-5)
+    assert big[:, :10].abs().sum() == 0 and big[:, 80:].abs().sum() == 0

@@ -48,11 +48,12 @@ def test_theta_gradient_matches_dense_projection_in_float64():
     (model(input_ids=ids).logits * weights).sum().backward()
     ours = adapter.theta_d.grad.double()
     # grad with respect to θ_D: run the same forward with A, B as free leaves
-    leaves = []
+    leaves, pairs = [], {}
     for _, layer in adapter.wrapped_layers():
         A, B = (t.detach().clone().requires_grad_(True) for t in layer.lora_matrices())
         leaves += [A, B]
-        layer.lora_matrices = (lambda A=A, B=B: (A, B))
+        pairs[layer.spec.offset] = (A, B)
+    adapter.lora_pair = lambda spec, device, dtype: pairs[spec.offset]
     (model(input_ids=ids).logits * weights).sum().backward()
     g_D = torch.cat([t.grad.flatten() for t in leaves]).double()
     theta_D = torch.cat([t.detach().flatten() for t in leaves]).double()

@@ -40,3 +40,27 @@ __all__ = [
     "read_adapter",
     "save_adapter",
 ]
+
+# trl is optional: the SFT trainer is imported on first use (module __getattr__), never at package import.
+_LAZY = {"UniLoraSFTMixin": "sft_trainer", "UniLoraSFTTrainer": "sft_trainer"}
+
+
+def _has_trl() -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("trl") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+if _has_trl():  # so that `from unilora_hf import *` works without trl
+    __all__ += sorted(_LAZY)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -3,7 +3,10 @@
 It holds the original module as ``base_layer`` (so unloading puts it back unchanged) and no parameter of
 its own: θ_d is registered once on the model root, which the layer reaches at call time. Output:
 ``base_layer(x) + (dropout(x) Aᵀ) Bᵀ`` with (A, B) read out of θ_d through the projection, unless the
-adapter is merged into the base weight or disabled.
+adapter is merged into the base weight or disabled. A and B come from the root's once-per-pass readout
+(`UniLoraAdapter.lora_pair`) in the dtype of the base output, formed in float32 and rounded once; the
+products run in that dtype (``kernels.lora_linear``), folded into the base GEMMs for a frozen
+``nn.Linear``.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from . import reference
+from .kernels import lora_linear, project_slice
 from .layout import LayerSpec
 
 
@@ -50,13 +54,45 @@ class UniLoraLinear(nn.Module):
         A, B = self.lora_matrices()
         return reference.delta_weight(A, B, self.spec.fan_in_fan_out)
 
+    def _pair(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        root = self._unilora_root
+        pair = root.unilora_adapter.lora_pair(self.spec, device, dtype)
+        if pair is None:
+            s = self.spec
+            flat = project_slice(root.unilora_theta_d, root.unilora_adapter.projection, s.offset, s.size)
+            A, B = torch.split(flat.to(device, dtype), [s.r * s.in_features, s.r * s.out_features])
+            pair = A.view(s.r, s.in_features), B.view(s.out_features, s.r)
+        return pair
+
+    def _frozen_plain_weights(self, base: nn.Module, x: torch.Tensor):
+        """(W, b) when ``base`` is a plain nn.Linear with frozen W, b matching x's dtype and device (and
+        no autocast, no active dropout), else None. Module attributes are read from their dicts: this
+        runs once per layer call, on the CPU critical path of a training step."""
+        if type(base) is not nn.Linear:
+            return None
+        weight, bias = base._parameters["weight"], base._parameters["bias"]
+        if (
+            weight.requires_grad
+            or (bias is not None and bias.requires_grad)
+            or x.dtype != weight.dtype
+            or x.device != weight.device
+            or torch.is_autocast_enabled(x.device.type)
+            or (self.training and type(self._modules["unilora_dropout"]) is not nn.Identity)
+        ):
+            return None
+        return weight, bias
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        result = self.base_layer(x, *args, **kwargs)
+        base = self._modules["base_layer"]
         if self.merged or not self._unilora_root.unilora_adapter.enabled:
-            return result
-        A, B = self.lora_matrices()
-        lora = reference.lora_forward(self.unilora_dropout(x), A.to(x.device), B.to(x.device))
-        return (result + lora).to(result.dtype)
+            return base(x, *args, **kwargs)
+        plain = None if args or kwargs else self._frozen_plain_weights(base, x)
+        if plain is not None:
+            A, B = self._pair(x.device, x.dtype)
+            return lora_linear.frozen_linear_lora(x, plain[0], plain[1], A, B)
+        result = base(x, *args, **kwargs)
+        A, B = self._pair(result.device, result.dtype)
+        return lora_linear.add_lora(result, self.unilora_dropout(x), A, B)
 
     def extra_repr(self) -> str:
         s = self.spec

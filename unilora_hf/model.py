@@ -69,6 +69,98 @@ class UniLoraAdapter:
         self.projection = projection
         self.enabled = True
         self.base_model_revision = None
+        self._slot = {spec.offset: i for i, spec in enumerate(layers)}
+        self._split_sizes = [n for spec in layers for n in (spec.r * spec.in_features, spec.r * spec.out_features)]
+        self._forward_depth = 0
+        self._training_pass = False
+        self._first_layer: UniLoraLinear | None = None
+        self._theta_D: torch.Tensor | None = None
+        self._pairs: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._pairs_version: tuple | None = None
+        self._hooks: list = []
+
+    # -- θ_D for one forward pass ------------------------------------------------------------------
+    # The root's forward pre-hook opens a pass; the first adapted layer to run reads θ_D = P θ_d out
+    # once (one kernel on CUDA), casts it to the activation dtype and splits it into every layer's
+    # (A, B) views; the post-hook drops them (the autograd graph keeps what backward needs, and the
+    # θ_D gradient flows back through one split and one Pᵀ g). Under torch.no_grad the views are kept
+    # between passes (unmerged inference) while θ_d is unchanged. Layers called outside a root pass, or
+    # re-run by activation checkpointing inside backward, read their own slice instead.
+    def _open_pass(self, module, args):
+        if self._forward_depth == 0:
+            self._training_pass = torch.is_grad_enabled()
+            if self._training_pass or self._pairs_version != self._theta_version():
+                self._drop_pass_cache()
+        self._forward_depth += 1
+        if self._forward_depth == 1 and self._training_pass and self.enabled:
+            # Read out now, outside any activation-checkpointed block, in the dtype the layers will ask for.
+            if self._first_layer is None:
+                self._first_layer = next((m for _, m in self.wrapped_layers()), None)
+            layer = self._first_layer if self._first_layer is not None and not self._first_layer.merged else None
+            if layer is not None:
+                weight = layer.base_layer.weight
+                dtype = weight.dtype if weight.is_floating_point() else torch.float32
+                if torch.is_autocast_enabled(weight.device.type):
+                    dtype = torch.get_autocast_dtype(weight.device.type)
+                self.lora_pair(layer.spec, weight.device, dtype)
+
+    def _close_pass(self, module, args, output):
+        self._forward_depth = max(0, self._forward_depth - 1)
+        if self._forward_depth == 0:
+            self._theta_D = None
+            if self._training_pass:
+                self._drop_pass_cache()
+
+    def _drop_pass_cache(self) -> None:
+        self._theta_D = None
+        self._pairs = {}
+        self._pairs_version = None
+
+    def _theta_version(self) -> tuple:
+        theta = self.theta_d
+        return (theta._version, theta.data_ptr(), theta.device)
+
+    def _install_hooks(self) -> None:
+        self._hooks = [
+            self.model.register_forward_pre_hook(self._open_pass),
+            self.model.register_forward_hook(self._close_pass, always_call=True),
+        ]
+
+    def lora_pair(self, spec: LayerSpec, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(A, B) of the layer with ``spec`` for the current root pass, in ``dtype`` on ``device``
+        (read out in float32, rounded once), or None outside a root pass or inside backward."""
+        if self._forward_depth == 0 or torch._C._current_graph_task_id() != -1:
+            return None
+        grad = torch.is_grad_enabled()
+        key = (device, dtype, grad)
+        pairs = self._pairs.get(key)
+        if pairs is None:
+            from .kernels import project_theta
+
+            theta_D = self._theta_D
+            if theta_D is None or (grad and theta_D.grad_fn is None and self.theta_d.requires_grad):
+                theta_D = self._theta_D = project_theta(self.theta_d, self.projection)
+            if not grad:
+                self._pairs_version = self._theta_version()
+            parts = torch.split(theta_D.to(device=device, dtype=dtype), self._split_sizes)
+            pairs = [
+                (parts[2 * i].view(s.r, s.in_features), parts[2 * i + 1].view(s.out_features, s.r))
+                for i, s in enumerate(self.layers)
+            ]
+            self._pairs[key] = pairs
+        return pairs[self._slot[spec.offset]]
+
+    def _theta_D_now(self) -> torch.Tensor:
+        """θ_D in float32, not differentiable (for merging)."""
+        from .kernels import readout
+
+        return readout(self.theta_d.detach(), self.projection)
+
+    def _layer_pair(self, theta_D: torch.Tensor, layer: UniLoraLinear, device) -> tuple[torch.Tensor, torch.Tensor]:
+        s = layer.spec
+        n_a = s.r * s.in_features
+        flat = theta_D[s.offset : s.offset + s.size].to(device)
+        return flat[:n_a].view(s.r, s.in_features), flat[n_a:].view(s.out_features, s.r)
 
     # -- what it holds -------------------------------------------------------------------------
     @property
@@ -125,25 +217,38 @@ class UniLoraAdapter:
                 f"θ_d holds {bad} NaN/inf value(s): merging would break the weights. Nothing was changed; "
                 "load a healthy adapter (or checkpoint) and merge again."
             )
+        from .kernels import merge_delta_
+
+        theta_D = self._theta_D_now()
         with torch.no_grad():
             for name, layer in self.wrapped_layers():
                 if layer.merged:
                     continue
                 weight = layer.base_layer.weight
-                merged = weight.float() + layer.delta_weight().to(weight.device)
-                if safe_merge and not torch.isfinite(merged).all():
-                    raise ValueError(f"merging into {name!r} gives NaN/inf weights; nothing was changed there")
-                weight.data.copy_(merged.to(weight.dtype))
+                A, B = self._layer_pair(theta_D, layer, weight.device)
+                fifo = layer.spec.fan_in_fan_out
+                if safe_merge:
+                    merged = merge_delta_(weight, A, B, fan_in_fan_out=fifo, out=torch.empty_like(weight))
+                    if not torch.isfinite(merged).all():
+                        raise ValueError(f"merging into {name!r} gives NaN/inf weights; nothing was changed there")
+                    weight.data.copy_(merged)
+                else:
+                    merge_delta_(weight.data, A, B, fan_in_fan_out=fifo)
                 layer.merged = True
 
     def unmerge(self) -> None:
         """Subtract ΔW again (exact up to the rounding of the weight's dtype)."""
-        with torch.no_grad():
-            for _, layer in self.wrapped_layers():
-                if layer.merged:
-                    weight = layer.base_layer.weight
-                    weight.data.copy_((weight.float() - layer.delta_weight().to(weight.device)).to(weight.dtype))
-                    layer.merged = False
+        from .kernels import merge_delta_
+
+        if not any(layer.merged for _, layer in self.wrapped_layers()):
+            return
+        theta_D = self._theta_D_now()
+        for _, layer in self.wrapped_layers():
+            if layer.merged:
+                weight = layer.base_layer.weight
+                A, B = self._layer_pair(theta_D, layer, weight.device)
+                merge_delta_(weight.data, A, B, sign=-1.0, fan_in_fan_out=layer.spec.fan_in_fan_out)
+                layer.merged = False
 
     def unload(self, merge: bool = False) -> nn.Module:
         """Remove the adapter: put the original modules back (with ΔW merged in if ``merge``), keep the
@@ -158,6 +263,10 @@ class UniLoraAdapter:
             elif isinstance(module, ModulesToSave):
                 kept = module.modules_to_save if merge else module.original_module
                 _set_submodule(self.model, name, kept)
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+        self._drop_pass_cache()
         delattr(self.model, THETA_NAME)
         del self.model.__dict__["unilora_adapter"]
         return self.model
@@ -226,6 +335,7 @@ def inject_adapter(model: nn.Module, config: UniLoraConfig, theta_d: torch.Tenso
 
     adapter = UniLoraAdapter(model, config, layers, projection)
     model.__dict__["unilora_adapter"] = adapter
+    adapter._install_hooks()
     for (name, module), spec in zip(targets, layers):
         _set_submodule(model, name, UniLoraLinear(module, spec, model, config.unilora_dropout))
     heads: list[str] = []

@@ -56,6 +56,18 @@ def attach(model, unilora_config: UniLoraConfig | None) -> UniLoraAdapter:
     return inject_adapter(model, unilora_config)
 
 
+def upcast_trainable(model, args) -> None:
+    """Under mixed precision (``args.bf16`` or ``args.fp16``), keep every trainable parameter in float32, as
+    PEFT does for its adapters: AdamW updates applied to bf16/fp16 weights round away, and fp16 gradient
+    scaling refuses fp16 parameters. θ_d is float32 already; this concerns heads copied from a bf16/fp16
+    base. Autocast runs their forward in the low precision. Without mixed precision nothing changes."""
+    if args is None or not (getattr(args, "bf16", False) or getattr(args, "fp16", False)):
+        return
+    for param in model.parameters():
+        if param.requires_grad and param.dtype in (torch.bfloat16, torch.float16):
+            param.data = param.data.float()
+
+
 def load_adapter_weights(model, folder: str | os.PathLike) -> None:
     """Copy θ_d and the heads saved in ``folder`` into the adapter on ``model`` (in place, keeping the
     parameters the optimizer holds). Refuses a folder from another adapter layout."""
@@ -243,6 +255,32 @@ class UniLoraTrainerMixin:
             training_summary=self.training_summary(), model=self.model, endpoint=self.hub_endpoint, **card_kwargs,
         )
 
+    def create_model_card(self, model_name: str | None = None, license: str | None = None,
+                          dataset: str | list[str] | None = None, dataset_name: str | None = None,
+                          **ignored) -> None:
+        """Write the adapter's model card (our template: it loads the repo with ``UniLoraAutoModel``, not as a
+        full model) to ``args.output_dir/README.md``. Takes the keywords of Trainer's and trl's versions;
+        ``license`` and ``dataset``/``dataset_name`` go into the card, the other ones have no place in it."""
+        if not self.is_world_process_zero():
+            return
+        import tempfile
+
+        from .push import render_card
+
+        datasets = [dataset] if isinstance(dataset, str) else list(dataset or [])
+        datasets += [dataset_name] if dataset_name else []
+        model = unwrap(self.model)
+        with tempfile.TemporaryDirectory() as tmp:
+            get_adapter(model).save_adapter(tmp)
+            files = read_adapter(tmp)
+        base_params = sum(p.numel() for n, p in model.named_parameters()
+                          if p is not get_adapter(model).theta_d and ".modules_to_save." not in n)
+        repo_id = self.args.hub_model_id or model_name or os.path.basename(os.path.abspath(self.args.output_dir))
+        card = render_card(files, repo_id, self.training_summary(), base_params, license, datasets or None)
+        os.makedirs(self.args.output_dir, exist_ok=True)
+        with open(os.path.join(self.args.output_dir, "README.md"), "w", encoding="utf-8") as f:
+            f.write(card)
+
     def training_summary(self) -> dict[str, Any]:
         """Hyperparameters, final metrics and the loss history, for the model card."""
         args = self.args
@@ -290,6 +328,7 @@ class UniLoraTrainer(UniLoraTrainerMixin, Trainer):
             kwargs["model_init"] = self._wrap_model_init(kwargs["model_init"], unilora_config)
         if model is not None:
             attach(model, unilora_config)
+            upcast_trainable(model, args)
         super().__init__(model, args, *pos, **kwargs)
         refuse_reentrant_under_ddp(self)
         broadcast_theta_from_rank0(self)

@@ -294,6 +294,29 @@ def project_theta(theta_d: torch.Tensor, projection: Projection) -> torch.Tensor
     return torch.ops.unilora_hf.project_theta_peft(theta_d, table, scales, rows, offsets, backend)
 
 
+class _ProjectSlice(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, theta_d, projection, start, count):
+        ctx.projection, ctx.start, ctx.theta_dtype = projection, start, theta_d.dtype
+        return readout(theta_d, projection, start, count)
+
+    @staticmethod
+    def backward(ctx, grad):
+        P = ctx.projection
+        full = grad.new_zeros(P.D, dtype=torch.float32)
+        full[ctx.start : ctx.start + grad.numel()] = grad
+        return theta_grad(full, P).to(ctx.theta_dtype), None, None, None
+
+
+def project_slice(theta_d: torch.Tensor, projection: Projection, start: int, count: int) -> torch.Tensor:
+    """θ_D[start:start+count] (float32), differentiable in ``theta_d``, saving no tensor for backward.
+
+    For one layer read on its own (outside the root's once-per-pass readout, e.g. when activation
+    checkpointing re-runs a block inside backward). Backward: Pᵀ of the gradient zero-padded to length
+    D (one deterministic ``theta_grad``, O(D) per call)."""
+    return _ProjectSlice.apply(theta_d, projection, start, count)
+
+
 def readout(theta_d: torch.Tensor, projection: Projection, start: int = 0, count: int | None = None) -> torch.Tensor:
     """θ_D[start:start+count] (float32, not differentiable) with the current backend; both backends give
     the same bits (each entry is the one float32 product ``θ_d[idx] · s(idx)``)."""
@@ -333,3 +356,26 @@ def native_indices(projection: Projection, start: int = 0, count: int | None = N
         raise IndexError(f"positions [{start}, {start + count}) lie outside [0, {projection.D})")
     kernels = _kernels(torch.device(device))
     return kernels.native_indices(projection.seed, projection.D, projection.d, start, count, device)
+
+
+def merge_delta_(
+    weight: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    *,
+    sign: float = 1.0,
+    fan_in_fan_out: bool = False,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``out = round(weight + sign · ΔW)`` with ΔW = B A (transposed for ``fan_in_fan_out``) formed in
+    float32 and the sum rounded once to the weight's dtype; ``out`` defaults to ``weight`` (in place).
+    A (r×in) and B (out×r) float32. Triton Kernel C on CUDA, the reference elsewhere (they can differ
+    in the last float32 bit of ΔW: the reference sums the r products in BLAS order)."""
+    out = weight if out is None else out
+    backend = resolve_backend(weight.device)
+    with torch.no_grad():
+        if backend == "triton":
+            return _kernels(weight.device).merge_delta(weight, out, A, B, sign, fan_in_fan_out)
+        delta = reference.delta_weight(A.float(), B.float(), fan_in_fan_out)
+        merged = weight.float() + delta if sign > 0 else weight.float() - delta
+        return out.copy_(merged.to(weight.dtype))

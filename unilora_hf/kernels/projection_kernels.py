@@ -233,6 +233,25 @@ def _grad_finish_kernel(
     tl.store(out_ptr + col, acc * scale, mask=live)
 
 
+@triton.jit(do_not_specialize=["n_out", "n_in", "r", "stride_o", "stride_i", "sign"])
+def _merge_kernel(w_ptr, out_ptr, a_ptr, b_ptr, n_out, n_in, r, stride_o, stride_i, sign, BO: tl.constexpr, BI: tl.constexpr):
+    o = tl.program_id(0) * BO + tl.arange(0, BO)
+    i = tl.program_id(1) * BI + tl.arange(0, BI)
+    live_o = o < n_out
+    live_i = i < n_in
+    acc = tl.full((BO, BI), 0.0, tl.float32)
+    a = 0
+    while a < r:
+        b_col = tl.load(b_ptr + o.to(tl.int64) * r + a, mask=live_o, other=0.0)
+        a_row = tl.load(a_ptr + a * n_in + i.to(tl.int64), mask=live_i, other=0.0)
+        acc += b_col[:, None] * a_row[None, :]
+        a += 1
+    offsets = o.to(tl.int64)[:, None] * stride_o + i.to(tl.int64)[None, :] * stride_i
+    live = live_o[:, None] & live_i[None, :]
+    w = tl.load(w_ptr + offsets, mask=live, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offsets, (w + sign * acc).to(out_ptr.dtype.element_ty), mask=live)
+
+
 # -- launch wrappers ------------------------------------------------------------------------------
 
 
@@ -464,6 +483,31 @@ def grad_peft(
     return _launch_grad(g, out, scales, csr_rows, csr_offsets, D, d, (KEY_BIAS,) * 4 + (1, 1), False)
 
 
+MERGE_BLOCK = (32, 128)
+
+
+def merge_delta(weight: torch.Tensor, out: torch.Tensor, A: torch.Tensor, B: torch.Tensor, sign: float,
+                fan_in_fan_out: bool) -> torch.Tensor:
+    """Kernel C: ``out = round(weight + sign · B A)``, ΔW formed in float32 tile by tile (an r-term
+    float32 sum per entry) and added to the weight read as float32, rounded once to ``out``'s dtype.
+
+    A: r×in, B: out×r, float32, contiguous. ``weight`` is out×in, or in×out for ``fan_in_fan_out``
+    (Conv1D); ``out`` has weight's shape and strides and may be ``weight`` itself (in place)."""
+    r, n_in = A.shape
+    n_out = B.shape[0]
+    A, B = A.float().contiguous(), B.float().contiguous()
+    _check_device(weight, out, A, B)
+    stride_o, stride_i = (weight.stride(1), weight.stride(0)) if fan_in_fan_out else weight.stride()
+    if out.stride() != weight.stride():
+        raise ValueError("out must have the weight's strides")
+    bo, bi = MERGE_BLOCK
+    with _on_device(weight.device):
+        _merge_kernel[(triton.cdiv(n_out, bo), triton.cdiv(n_in, bi))](
+            weight, out, A, B, n_out, n_in, r, stride_o, stride_i, float(sign), BO=bo, BI=bi
+        )
+    return out
+
+
 __all__ = [
     "for_device",
     "grad_native",
@@ -471,6 +515,7 @@ __all__ = [
     "grad_plan",
     "interpreted",
     "interpreter_enabled",
+    "merge_delta",
     "native_indices",
     "native_permute",
     "readout_native",

@@ -1,0 +1,259 @@
+"""Inference benchmark: prefill and greedy decoding with each way of serving an adapter.
+
+On the reference 1.1B Llama shape (random weights, bf16): prefill = one no-grad forward of
+1 × ``--prompt`` (512) tokens, median of ``--repeats`` (10) after 3 warm-ups; decode = ``generate`` of
+exactly ``--new-tokens`` (128) greedy tokens after that prompt (``min_new_tokens = max_new_tokens``, no EOS),
+median of ``--gen-repeats`` (3) after one warm-up; decode tokens/s = new tokens / generate seconds.
+Every row starts from the same freshly built base (same seed); the adapters (r = 16, all 7 projections,
+d = 2^19 for Uni-LoRA) are saved to a temporary folder first, and "attach s" is the time to load one
+onto the base already on the device; "merge s" the time to merge it into the weights.
+
+Rows (``--only`` picks some): ``base``; ``unilora_hf_merged`` (``UniLoraAutoModel.from_pretrained``, then
+``get_adapter(model).merge()``: wrappers stay, for hot-swapping); ``unilora_hf_unloaded``
+(``from_pretrained(..., merge=True)``: merged and unwrapped, a plain transformers model; its attach time
+includes the merge); ``unilora_hf_unmerged``; ``peft_lora`` (``PeftModel.from_pretrained``, unmerged);
+``peft_unilora`` (unmerged); ``peft_unilora_merged`` (``merge_adapter()``); ``base_again`` (the base
+measured once more at the end, to show drift of the device over the run).
+Checks recorded per row: the largest change of the prompt's last-token logits against the base (a live
+adapter changes them), and for merged rows the largest difference against the same adapter unmerged.
+
+    python benchmarks/inference.py --out results/inference.json            # GPU, ~3-4 min
+    python benchmarks/inference.py --tiny --out /tmp/i.json                # CPU, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import common
+import torch
+
+ROWS = {
+    "base": "base model",
+    "unilora_hf_merged": "unilora_hf, merged (merge())",
+    "unilora_hf_unloaded": "unilora_hf, merged and unloaded",
+    "unilora_hf_unmerged": "unilora_hf, unmerged",
+    "peft_lora": "PEFT LoRA, unmerged",
+    "peft_unilora": "PEFT UniLoRA, unmerged",
+    "peft_unilora_merged": "PEFT UniLoRA, merged (merge_adapter())",
+    "base_again": "base model (again, at the end)",
+}
+# Which saved adapter each row loads, and which unmerged row its merged output is compared with.
+ADAPTER_OF = {"unilora_hf_merged": "unilora_hf", "unilora_hf_unloaded": "unilora_hf",
+              "unilora_hf_unmerged": "unilora_hf", "peft_lora": "peft_lora", "peft_unilora": "peft_unilora",
+              "peft_unilora_merged": "peft_unilora"}
+UNMERGED_OF = {"unilora_hf_merged": "unilora_hf_unmerged", "unilora_hf_unloaded": "unilora_hf_unmerged",
+               "peft_unilora_merged": "peft_unilora"}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="where to write the JSON record")
+    p.add_argument("--size", choices=["1b", "7b"], default="1b")
+    p.add_argument("--tiny", action="store_true", help="tiny Llama, short prompt: a CPU smoke test of the script")
+    p.add_argument("--device", default=None, help="cuda (default when available) or cpu")
+    p.add_argument("--dtype", choices=list(DTYPES), default=None, help="default bf16 (tiny: fp32)")
+    p.add_argument("--prompt", type=int, default=None, help="prompt tokens (default 512; tiny 8)")
+    p.add_argument("--new-tokens", type=int, default=None, help="tokens to generate (default 128; tiny 4)")
+    p.add_argument("--repeats", type=int, default=None, help="timed prefills (default 10; tiny 2)")
+    p.add_argument("--gen-repeats", type=int, default=None, help="timed generate calls (default 3; tiny 1)")
+    p.add_argument("--r", type=int, default=None, help="rank (default 16; tiny 4)")
+    p.add_argument("--d", type=int, default=None, help="theta_d_length (default 2^19; tiny 512)")
+    p.add_argument("--only", default=None, help=f"comma-separated rows out of {','.join(ROWS)}")
+    args = p.parse_args(argv)
+    tiny = args.tiny
+    args.dtype = args.dtype or ("fp32" if tiny else "bf16")
+    for name, full, small in (("prompt", 512, 8), ("new_tokens", 128, 4), ("repeats", 10, 2),
+                              ("gen_repeats", 3, 1), ("r", 16, 4), ("d", 2**19, 512)):
+        if getattr(args, name) is None:
+            setattr(args, name, small if tiny else full)
+    args.prefill_warmup, args.gen_warmup = (1, 0) if tiny else (3, 1)
+    args.rows = list(ROWS) if args.only is None else [k.strip() for k in args.only.split(",") if k.strip()]
+    unknown = [k for k in args.rows if k not in ROWS]
+    if unknown or not args.rows:
+        p.error(f"--only {args.only!r}: unknown row(s) {unknown}; rows are {','.join(ROWS)}")
+    if min(args.prompt, args.new_tokens, args.repeats, args.gen_repeats) < 1:
+        p.error("--prompt, --new-tokens, --repeats and --gen-repeats must be >= 1")
+    return args
+
+
+def save_adapters(needed: set[str], cfg, args, device, dtype, tmp: Path) -> dict[str, Path]:
+    """Save each needed adapter (θ at its random init; PEFT LoRA at PEFT's init, B = 0) from a fresh base."""
+    folders = {}
+    for name in sorted(needed):
+        base = common.build_llama(cfg, device, dtype, seed=0)
+        folder = folders[name] = tmp / name
+        if name == "unilora_hf":
+            from unilora_hf import UniLoraConfig, inject_adapter
+
+            inject_adapter(base, UniLoraConfig(r=args.r, theta_d_length=args.d, proj_seed=42,
+                                               target_modules=common.LLAMA_TARGETS)).save_adapter(folder)
+        else:
+            from peft import LoraConfig, get_peft_model
+            from peft import UniLoraConfig as PeftUniLoraConfig
+
+            config = (LoraConfig(r=args.r, lora_alpha=args.r, target_modules=common.LLAMA_TARGETS)
+                      if name == "peft_lora" else
+                      PeftUniLoraConfig(r=args.r, theta_d_length=args.d, proj_seed=42,
+                                        target_modules=common.LLAMA_TARGETS))
+            get_peft_model(base, config).save_pretrained(str(folder))
+        del base
+        common.free(device)
+    return folders
+
+
+def attach(key: str, base, folder: Path | None) -> tuple[torch.nn.Module, dict]:
+    """The model of row ``key`` built on ``base``, with the attach and merge seconds."""
+    times: dict = {}
+    device = next(base.parameters()).device
+    if key in ("base", "base_again"):
+        return base, times
+    if key.startswith("unilora_hf"):
+        from unilora_hf import UniLoraAutoModel, get_adapter
+
+        merge_on_load = key == "unilora_hf_unloaded"
+        times["attach_s"], model = common.timed(
+            lambda: UniLoraAutoModel.from_pretrained(base, folder, merge=merge_on_load), device)
+        if key == "unilora_hf_merged":
+            times["merge_s"], _ = common.timed(lambda: get_adapter(model).merge(), device)
+        return model, times
+    from peft import PeftModel
+
+    times["attach_s"], model = common.timed(lambda: PeftModel.from_pretrained(base, str(folder)), device)
+    if key == "peft_unilora_merged":
+        times["merge_s"], _ = common.timed(model.merge_adapter, device)
+    return model.eval(), times
+
+
+def measure(key: str, args, cfg, device, dtype, folders, prompt) -> dict:
+    base = common.build_llama(cfg, device, dtype, seed=0).eval()
+    base.generation_config.eos_token_id = None
+    base.generation_config.pad_token_id = 0
+    model, rec = attach(key, base, folders.get(ADAPTER_OF.get(key)))
+    rec["label"] = ROWS[key]
+    common.free(device)
+    common.reset_peak(device)
+
+    def prefill():
+        return model(input_ids=prompt).logits[0, -1]
+
+    def generate():
+        return model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                              max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, pad_token_id=0)
+
+    with torch.no_grad():
+        rec["last_logits"] = prefill().float().cpu()
+        for _ in range(args.prefill_warmup):
+            prefill()
+        rec.update(common.summary_ms([common.timed(prefill, device)[0] for _ in range(args.repeats)]))
+        rec["prefill_median_ms"], rec["prefill_min_ms"] = rec.pop("median_ms"), rec.pop("min_ms")
+        rec["prefill_all_ms"] = rec.pop("all_ms")
+        for _ in range(args.gen_warmup):
+            generate()
+        gen_times = []
+        for _ in range(args.gen_repeats):
+            seconds, out = common.timed(generate, device)
+            gen_times.append(seconds)
+    rec["generated_tokens"] = int(out.shape[1] - prompt.shape[1])
+    if rec["generated_tokens"] != args.new_tokens:
+        raise RuntimeError(f"generate returned {rec['generated_tokens']} new tokens, expected {args.new_tokens}")
+    rec["generate_s"] = statistics.median(gen_times)
+    rec["generate_all_s"] = gen_times
+    rec["decode_tok_s"] = args.new_tokens / rec["generate_s"]
+    rec["peak_bytes"] = common.peak(device)
+    del model, base, out
+    return rec
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    device = common.pick_device("cpu" if args.tiny and args.device is None else args.device)
+    dtype = DTYPES[args.dtype]
+    cfg = common.llama_config("tiny" if args.tiny else args.size)
+    prompt = common.random_tokens(cfg.vocab_size, 1, args.prompt, device)
+    record = {
+        "benchmark": "inference",
+        "environment": common.environment(device),
+        "settings": {"size": "tiny" if args.tiny else args.size, "layers": cfg.num_hidden_layers,
+                     "hidden": cfg.hidden_size, "dtype": args.dtype, "prompt": args.prompt,
+                     "new_tokens": args.new_tokens, "repeats": args.repeats, "gen_repeats": args.gen_repeats,
+                     "r": args.r, "d": args.d, "D": args.r * common.lora_numel_per_rank(cfg),
+                     "targets": common.LLAMA_TARGETS},
+        "rows": {},
+    }
+    print(f"inference: {record['settings']}\nenvironment: {record['environment']}", flush=True)
+    t_all = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="unilora_inference_bench_") as tmp:
+        needed = {ADAPTER_OF[k] for k in args.rows if k in ADAPTER_OF}
+        folders = save_adapters(needed, cfg, args, device, dtype, Path(tmp))
+        for key in args.rows:
+            record["rows"][key] = common.run_row(key, lambda k=key: measure(k, args, cfg, device, dtype, folders,
+                                                                            prompt), device)
+    record["total_s"] = time.perf_counter() - t_all
+    compare_outputs(record)
+    print_table(record)
+    common.write_json(args.out, record)
+    return record
+
+
+def compare_outputs(record: dict) -> None:
+    """Logit changes against the base and, for merged rows, against the unmerged adapter; speed vs base."""
+    rows = record["rows"]
+    base = next((rows[k] for k in ("base", "base_again") if k in rows and "error" not in rows[k]), None)
+    for key, rec in rows.items():
+        if "error" in rec:
+            continue
+        logits = rec.pop("last_logits")
+        rec["_logits"] = logits
+    for key, rec in rows.items():
+        if "error" in rec:
+            continue
+        if base is not None:
+            rec["max_logit_change_vs_base"] = (rec["_logits"] - base["_logits"]).abs().max().item()
+            rec["prefill_vs_base"] = rec["prefill_median_ms"] / base["prefill_median_ms"]
+            rec["decode_vs_base"] = base["decode_tok_s"] / rec["decode_tok_s"]
+        ref = rows.get(UNMERGED_OF.get(key, ""))
+        if ref is not None and "error" not in ref:
+            rec["max_logit_diff_vs_unmerged"] = (rec["_logits"] - ref["_logits"]).abs().max().item()
+    for rec in rows.values():
+        rec.pop("_logits", None)
+    targets = {}
+    if base is not None:
+        for key, name, limit in (("unilora_hf_merged", "merged decode at base speed (<= 1.05 x)", 1.05),
+                                 ("unilora_hf_unmerged", "unmerged decode within 1.15 x of base", 1.15)):
+            if key in rows and "error" not in rows[key]:
+                targets[name] = rows[key]["decode_vs_base"] <= limit
+    record["targets"] = targets
+
+
+def print_table(record: dict) -> None:
+    s = record["settings"]
+    env = record["environment"]
+    print(f"\n### Inference: {s['size']} Llama shape, {s['dtype']}, prefill 1 x {s['prompt']}, greedy decode of "
+          f"{s['new_tokens']} tokens; adapters r = {s['r']}, all 7 projections, d = {s['d']:,}; "
+          f"{env['device_name']}, unilora_hf kernels: {env['unilora_kernel_backend']}\n")
+    headers = ["run", "prefill ms (median)", "prefill ms (min)", "decode tokens/s", "decode time x base",
+               "attach s", "merge s", "peak GiB", "max logit change vs base", "max logit diff vs unmerged"]
+    table = []
+    for key, rec in record["rows"].items():
+        if "error" in rec:
+            table.append([ROWS[key], "error: " + rec["error"][:80]] + [None] * (len(headers) - 2))
+            continue
+        table.append([rec["label"], rec["prefill_median_ms"], rec["prefill_min_ms"], rec["decode_tok_s"],
+                      rec.get("decode_vs_base"), rec.get("attach_s"), rec.get("merge_s"),
+                      common.to_gib(rec["peak_bytes"]), rec.get("max_logit_change_vs_base"),
+                      rec.get("max_logit_diff_vs_unmerged")])
+    print(common.markdown_table(headers, table))
+    if record["targets"]:
+        print("\nProject targets: " + "; ".join(f"{k}: {'met' if v else 'MISSED'}"
+                                                           for k, v in record["targets"].items()))
+    print(f"\ntotal {record['total_s']:.1f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,179 @@
+"""The GPU benchmark scripts, run in their ``--tiny`` CPU mode: each must finish, print its markdown
+table and write a JSON record whose numbers are consistent with the model and adapters it measured.
+
+All three scripts run in ONE subprocess (each through ``runpy`` with its own ``sys.argv``, as
+``python benchmarks/<name>.py`` runs it), so torch/transformers/peft are imported once.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "benchmarks"
+
+# tiny Llama of benchmarks/common.py: hidden 64, MLP 128, 4 heads of 16, 2 KV heads (k/v width 32), 2 layers.
+TINY_IN_OUT_PER_LAYER = (64 + 64) + (64 + 32) + (64 + 32) + (64 + 64) + 3 * (64 + 128)
+TINY_LAYERS = 2
+
+DRIVER = """
+import runpy, sys
+sys.path.insert(0, {bench!r})
+for argv in {runs!r}:
+    print("=== running", argv[0], flush=True)
+    sys.argv = argv
+    runpy.run_path(argv[0], run_name="__main__")
+"""
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    runs = [
+        [str(BENCH / "train_step.py"), "--tiny", "--out", str(out / "train.json"), "--profile", "peft_unilora",
+         "--profile-steps", "1"],
+        [str(BENCH / "load.py"), "--tiny", "--out", str(out / "load.json"), "--peft-max-d", "4096"],
+        [str(BENCH / "inference.py"), "--tiny", "--out", str(out / "inference.json")],
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    env.pop("UNILORA_HF_KERNELS", None)
+    proc = subprocess.run([sys.executable, "-c", DRIVER.format(bench=str(BENCH), runs=runs)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return {name: json.loads((out / f"{name}.json").read_text()) for name in ("train", "load", "inference")} | {
+        "stdout": proc.stdout}
+
+
+def _no_errors(rows: dict) -> None:
+    errors = {k: v["error"] for k, v in rows.items() if "error" in v}
+    assert not errors, errors
+
+
+def test_scripts_measure_this_checkout_on_cpu(results):
+    for name in ("train", "load", "inference"):
+        env = results[name]["environment"]
+        assert Path(env["unilora_hf_path"]) == REPO / "unilora_hf"
+        assert env["device"] == "cpu" and env["unilora_kernel_backend"] == "reference"
+    out = results["stdout"]
+    assert "| run | step ms (median) | step ms (min) | peak GiB |" in out
+    assert "| D | r | run | attach s |" in out
+    assert "| run | prefill ms (median) | prefill ms (min) | decode tokens/s |" in out
+
+
+def test_train_step_record(results):
+    rec = results["train"]
+    rows, s = rec["rows"], rec["settings"]
+    _no_errors(rows)
+    assert list(rows) == ["floor", "peft_lora", "peft_unilora", "unilora_hf", "unilora_hf_peft"]
+    D = s["r"] * TINY_IN_OUT_PER_LAYER * TINY_LAYERS
+    assert s["D"] == D == 8192
+    # PEFT LoRA trains exactly the D LoRA entries; both Uni-LoRAs train exactly d; the floor trains nothing.
+    assert rows["peft_lora"]["trainable"] == D
+    assert rows["peft_unilora"]["trainable"] == rows["unilora_hf"]["trainable"] == s["d"]
+    assert rows["floor"]["trainable"] == 0 and rows["floor"]["params_moved"] is None
+    for key, row in rows.items():
+        assert len(row["all_ms"]) == s["steps"]
+        assert min(row["all_ms"]) == row["min_ms"] <= row["median_ms"] <= max(row["all_ms"])
+        assert math.isfinite(row["loss_first"]) and math.isfinite(row["loss_last"])
+        # random tokens over a 256-token vocabulary: the loss of a barely trained model is near ln 256
+        assert abs(row["loss_first"] - math.log(s["vocab"])) < 1.0
+        assert row["step_vs_floor"] == pytest.approx(row["median_ms"] / rows["floor"]["median_ms"])
+        assert row["step_vs_peft_lora"] == pytest.approx(row["median_ms"] / rows["peft_lora"]["median_ms"])
+        assert row["peak_bytes"] is None  # CPU: no CUDA memory statistics
+        if key != "floor":
+            assert row["params_moved"] is True, f"{key}: AdamW did not change the trainable parameters"
+    # PEFT UniLoRA keeps an int64 index and a scale in the weight dtype (fp32 here) for each of the D entries.
+    assert rows["peft_unilora"]["adapter_state_bytes"]["buffers"] == D * (8 + 4)
+    # native projection: nothing of size D stored; peft projection: its int32 table and d fp32 scales (at least).
+    native = rows["unilora_hf"]["adapter_state_bytes"]
+    assert native["buffers"] == native["cache"] == native["host"] == 0
+    peft_kind = rows["unilora_hf_peft"]["adapter_state_bytes"]
+    assert peft_kind["buffers"] == 0 and peft_kind["cache"] >= 4 * D + 4 * s["d"]
+    prof = rows["peft_unilora"]["profile"]
+    assert prof["steps"] == 1 and prof["top"] and all(k["calls"] >= 1 for k in prof["top"])
+    assert "aten::mm" in {k["name"] for k in prof["top"]}
+    assert "Self CPU" in prof["table"] and "### Profile of peft_unilora" in results["stdout"]
+    assert all("profile" not in row for key, row in rows.items() if key != "peft_unilora")
+
+
+def test_load_record(results):
+    rec = results["load"]
+    rows, s = rec["rows"], rec["settings"]
+    _no_errors({k: v for k, v in rows.items() if "skipped" not in v})
+    assert s["ranks"] == [1, 4]
+    for r in (1, 4):
+        for key in ("unilora_hf", "unilora_hf_peft", "peft_unilora"):
+            row = rows[f"{key}@r{r}"]
+            assert row["D"] == r * TINY_IN_OUT_PER_LAYER * TINY_LAYERS
+            if key != "unilora_hf" and row["D"] > 4096:
+                assert row["skipped"] == f"D = {row['D']:,} > --peft-max-d 4,096"
+                continue
+            assert row["attach_s"] > 0 and row["forward_s"] > 0
+            assert row["max_logit_change"] > 0, f"{key}@r{r}: the attached adapter did not change the output"
+        ours = rows[f"unilora_hf@r{r}"]
+        # the stored adapter is θ_d in fp32 plus a header and a config JSON
+        assert 4 * s["d"] < ours["adapter_files_bytes"] < 4 * s["d"] + 8192
+        assert ours["adapter_state_bytes_after_forward"] == {"buffers": 0, "cache": 0, "host": 0}
+    peft_row = rows["peft_unilora@r1"]
+    assert peft_row["adapter_state_bytes"]["buffers"] == peft_row["D"] * (8 + 4)
+    assert "skipped: D = 8,192 > --peft-max-d 4,096" in results["stdout"]
+
+
+def test_inference_record(results):
+    rec = results["inference"]
+    rows, s = rec["rows"], rec["settings"]
+    _no_errors(rows)
+    assert list(rows) == ["base", "unilora_hf_merged", "unilora_hf_unloaded", "unilora_hf_unmerged", "peft_lora",
+                          "peft_unilora", "peft_unilora_merged", "base_again"]
+    for key, row in rows.items():
+        assert row["generated_tokens"] == s["new_tokens"] == 4
+        assert row["decode_tok_s"] == pytest.approx(s["new_tokens"] / row["generate_s"])
+        assert row["prefill_min_ms"] <= row["prefill_median_ms"]
+        if key.startswith("base"):
+            assert "attach_s" not in row
+        else:
+            assert row["attach_s"] > 0
+    # every row starts from the same base weights
+    assert rows["base_again"]["max_logit_change_vs_base"] == 0
+    assert rows["peft_lora"]["max_logit_change_vs_base"] == 0  # PEFT LoRA starts with B = 0
+    for key in ("unilora_hf_unmerged", "peft_unilora"):
+        assert rows[key]["max_logit_change_vs_base"] > 1e-5
+    # merging gives the unmerged adapter's output, up to float32 rounding, far below the adapter's own effect
+    for key in ("unilora_hf_merged", "unilora_hf_unloaded", "peft_unilora_merged"):
+        assert rows[key]["max_logit_diff_vs_unmerged"] < 1e-2 * rows[key]["max_logit_change_vs_base"]
+        assert rows[key]["max_logit_change_vs_base"] > 1e-5
+    assert rows["unilora_hf_merged"]["merge_s"] > 0 and rows["peft_unilora_merged"]["merge_s"] > 0
+
+
+def test_bad_arguments_are_named(capsys):
+    sys.path.insert(0, str(BENCH))
+    try:
+        import inference
+        import load
+        import train_step
+    finally:
+        sys.path.remove(str(BENCH))
+        for name in ("common", "inference", "load", "train_step"):
+            sys.modules.pop(name, None)
+    with pytest.raises(SystemExit):
+        train_step.parse_args(["--out", "x.json", "--only", "floor,bogus"])
+    assert "unknown row(s) ['bogus']" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train_step.parse_args(["--out", "x.json", "--only", "floor", "--profile", "unilora_hf"])
+    assert "--profile 'unilora_hf' must be one of the rows being run" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        load.parse_args(["--out", "x.json", "--ranks", "4,zero"])
+    assert "give comma-separated positive integers" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        inference.parse_args(["--out", "x.json", "--new-tokens", "0"])
+    assert "must be >= 1" in capsys.readouterr().err
+    args = train_step.parse_args(["--out", "x.json", "--size", "7b"])
+    assert (args.batch, args.seq, args.r, args.d, args.warmup, args.steps, args.dtype) == (4, 1024, 16, 2**19, 3, 10,
+                                                                                          "bf16")

@@ -1,0 +1,201 @@
+"""The adapted layer's compute path (``kernels.lora_linear``, the per-pass θ_D readout of the root) against
+the float64 composite ``base(x) + (x Aᵀ) Bᵀ`` and against autograd of the per-layer reference readout."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+from unilora_hf import UniLoraConfig, get_adapter, inject_adapter
+from unilora_hf.kernels import lora_linear
+from unilora_hf.model import unwrap
+
+from models import tiny_gpt2, tiny_llama, tokens
+
+
+def _composite(x, W, b, A, B):
+    y = x @ W.T + (x @ A.T) @ B.T
+    return y if b is None else y + b
+
+
+@pytest.mark.parametrize("shape,r", [((5, 7), 1), ((2, 3, 33), 4), ((1, 65), 3)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_frozen_linear_lora_matches_composite_and_its_gradients(shape, r, with_bias):
+    torch.manual_seed(0)
+    n_in, n_out = shape[-1], 19
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    W = torch.randn(n_out, n_in, dtype=torch.float64)
+    b = torch.randn(n_out, dtype=torch.float64) if with_bias else None
+    A = torch.randn(r, n_in, dtype=torch.float64, requires_grad=True)
+    B = torch.randn(n_out, r, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(*shape[:-1], n_out, dtype=torch.float64)
+    y = lora_linear.frozen_linear_lora(x, W, b, A, B)
+    want = _composite(x, W, b, A, B)
+    torch.testing.assert_close(y, want)
+    got = torch.autograd.grad(y, (x, A, B), g)
+    expected = torch.autograd.grad(want, (x, A, B), g)
+    for a, e in zip(got, expected):
+        torch.testing.assert_close(a, e)
+    assert torch.autograd.gradcheck(lambda x, A, B: lora_linear.frozen_linear_lora(x, W, b, A, B), (x, A, B))
+    with torch.no_grad():
+        torch.testing.assert_close(lora_linear.frozen_linear_lora(x, W, b, A, B), want.detach())
+
+
+def test_add_lora_matches_composite_and_casts_the_input():
+    torch.manual_seed(1)
+    result = torch.randn(4, 6, 11, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(4, 6, 9, dtype=torch.float64, requires_grad=True)
+    A = torch.randn(2, 9, dtype=torch.float64, requires_grad=True)
+    B = torch.randn(11, 2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lora_linear.add_lora, (result, x, A, B))
+    before = result.detach().clone()
+    out = lora_linear.add_lora(result, x, A, B)
+    assert torch.equal(result.detach(), before)
+    torch.testing.assert_close(out, result + (x @ A.T) @ B.T)
+    # a float32 input is cast to the dtype of A and B; its gradient comes back in float32
+    x32 = x.detach().float().requires_grad_(True)
+    lora_linear.add_lora(result, x32, A, B).sum().backward()
+    assert x32.grad.dtype == torch.float32
+
+
+def _theta_grad(model, ids, weights):
+    adapter = unwrap(model).unilora_adapter
+    adapter.theta_d.grad = None
+    (model(input_ids=ids).logits * weights).sum().backward()
+    return adapter.theta_d.grad.clone()
+
+
+def test_one_readout_per_pass_gives_the_per_layer_reference_gradient():
+    """The per-pass path (θ_D once, split into views) against the per-layer reference readout (each layer
+    indexing θ_d itself), which is what runs outside a root pass."""
+    torch.manual_seed(0)
+    model = tiny_llama()
+    adapter = inject_adapter(model, UniLoraConfig(r=3, theta_d_length=97, target_modules="all-linear"))
+    ids = tokens(model)
+    weights = torch.randn_like(model(input_ids=ids).logits)
+    fast = _theta_grad(model, ids, weights)
+    adapter.lora_pair = lambda spec, device, dtype: None  # force every layer onto its own readout
+    slow = _theta_grad(model, ids, weights)
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-6 * slow.abs().max().item())
+    assert fast.abs().sum() > 0
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_activation_checkpointing_gives_the_same_theta_gradient(reentrant):
+    torch.manual_seed(0)
+    model = tiny_llama()
+    adapter = inject_adapter(model, UniLoraConfig(r=2, theta_d_length=64, target_modules="all-linear"))
+    ids = tokens(model)
+    weights = torch.randn_like(model(input_ids=ids).logits)
+    plain = _theta_grad(model, ids, weights)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    model.train()
+    if reentrant:  # reentrant checkpointing only records a graph when an input of the block needs a gradient
+        model.enable_input_require_grads()
+    checkpointed = _theta_grad(model, ids, weights)
+    torch.testing.assert_close(checkpointed, plain, rtol=1e-5, atol=1e-6 * plain.abs().max().item())
+    assert adapter._forward_depth == 0 and adapter._theta_D is None and not adapter._pairs
+
+
+def test_conv1d_and_dropout_take_the_general_path():
+    torch.manual_seed(0)
+    model = tiny_gpt2()
+    adapter = inject_adapter(model, UniLoraConfig(r=2, theta_d_length=50, unilora_dropout=0.3))
+    ids = tokens(model)
+    model.train()
+    torch.manual_seed(5)
+    fast = model(input_ids=ids).logits
+    adapter.lora_pair = lambda spec, device, dtype: None
+    torch.manual_seed(5)
+    slow = model(input_ids=ids).logits
+    torch.testing.assert_close(fast, slow)
+
+
+def test_no_grad_passes_reuse_the_readout_until_theta_changes():
+    model = tiny_llama()
+    adapter = inject_adapter(model, UniLoraConfig(r=2, theta_d_length=40, target_modules=["q_proj", "v_proj"]))
+    ids = tokens(model)
+    with torch.no_grad():
+        first = model(input_ids=ids).logits
+        pairs = adapter._pairs
+        again = model(input_ids=ids).logits
+        assert adapter._pairs is pairs and torch.equal(first, again)
+        adapter.theta_d.mul_(2.0)  # an in-place update bumps θ_d's version: the views are read again
+        changed = model(input_ids=ids).logits
+        assert adapter._pairs is not pairs and not torch.equal(changed, first)
+    out = model(input_ids=ids).logits  # a training pass drops the cached views when it ends
+    assert not adapter._pairs and adapter._theta_D is None
+    torch.testing.assert_close(out.detach(), changed)
+
+
+def test_bf16_forward_rounds_A_B_once_and_stays_close_to_float32():
+    torch.manual_seed(0)
+    model = tiny_llama()
+    adapter = inject_adapter(model, UniLoraConfig(r=4, theta_d_length=128, target_modules="all-linear",
+                                                  init_theta_d_bound=0.5))
+    ids = tokens(model)
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+        model.to(torch.bfloat16)
+        adapter.theta_d.data = adapter.theta_d.data.float()  # θ_d stays float32 under a bf16 base
+        low = model(input_ids=ids).logits
+        _, layer = next(adapter.wrapped_layers())
+        A32, B32 = layer.lora_matrices()
+        A16, B16 = adapter._pairs[(A32.device, torch.bfloat16, False)][0]
+    assert low.dtype == torch.bfloat16
+    assert torch.equal(A16, A32.to(torch.bfloat16)) and torch.equal(B16, B32.to(torch.bfloat16))
+    rel = (low.float() - ref).norm() / ref.norm()
+    assert rel < 3e-2, rel
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+class TestCuda:
+    """The CUDA path (Triton readout and Pᵀ g, cuBLAS LoRA GEMMs, Triton merge) against float64 on CPU.
+    Tolerances, relative to the norm of the adapter's contribution: float32 1e-4 (TF32 off), bfloat16
+    3e-2, float16 5e-3."""
+
+    TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}
+
+    def _pair(self, dtype):
+        torch.manual_seed(0)
+        cpu = tiny_llama().double()
+        inject_adapter(cpu, UniLoraConfig(r=4, theta_d_length=256, target_modules="all-linear", init_theta_d_bound=0.3))
+        gpu = tiny_llama().to("cuda", dtype)
+        adapter = inject_adapter(gpu, UniLoraConfig(r=4, theta_d_length=256, target_modules="all-linear"))
+        with torch.no_grad():
+            adapter.theta_d.copy_(cpu.unilora_theta_d.float())
+        return cpu, gpu, adapter
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+    def test_forward_backward_and_merge_against_float64(self, dtype):
+        torch.backends.cuda.matmul.allow_tf32 = False
+        cpu, gpu, adapter = self._pair(dtype)
+        ids = tokens(cpu)
+        with get_adapter(cpu).disabled():
+            base = cpu(input_ids=ids).logits
+        want = cpu(input_ids=ids).logits
+        weights = torch.randn_like(want)
+        (want * weights).sum().backward()
+        with adapter.disabled():
+            got_base = gpu(input_ids=ids.cuda()).logits.double()
+        got = gpu(input_ids=ids.cuda()).logits
+        (got.double() * weights.cuda()).sum().backward()
+        # the adapter's contribution, against float64; the output's own rounding (one step of the dtype)
+        # is allowed on top of the per-dtype tolerance
+        scale = (want - base).norm().item()
+        rounding = torch.finfo(dtype).eps * want.norm().item()
+        effect = (got.double() - got_base).cpu()
+        assert (effect - (want - base)).norm().item() <= self.TOL[dtype] * scale + 2 * rounding
+        g_want = cpu.unilora_theta_d.grad
+        g_got = adapter.theta_d.grad.double().cpu()
+        assert (g_got - g_want).norm() <= 3 * self.TOL[dtype] * g_want.norm()
+        first = adapter.theta_d.grad.clone()  # deterministic: the same bits on a second run
+        adapter.theta_d.grad = None
+        (gpu(input_ids=ids.cuda()).logits.double() * weights.cuda()).sum().backward()
+        assert torch.equal(first, adapter.theta_d.grad)
+        with torch.no_grad():
+            unmerged = gpu(input_ids=ids.cuda()).logits
+            adapter.merge()
+            merged = gpu(input_ids=ids.cuda()).logits
+            adapter.unmerge()
+        assert (merged - unmerged).double().norm().item() <= self.TOL[dtype] * scale + 4 * rounding

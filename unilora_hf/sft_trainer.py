@@ -1,0 +1,147 @@
+"""`UniLoraSFTTrainer`: trl's ``SFTTrainer`` training only θ_d (and the heads), one line changed.
+
+``UniLoraSFTTrainer(model, args, train_dataset=..., unilora_config=UniLoraConfig(...))`` takes everything
+``trl.SFTTrainer`` takes. trl 1.16 has no hook for an adapter that is not PEFT's, so `UniLoraSFTMixin`
+does the model part itself before ``SFTTrainer.__init__`` runs: it loads a model given by id or folder
+(with ``args.model_init_kwargs``, as SFTTrainer would), attaches the adapter in place (the model stays a
+``PreTrainedModel``), repeats what SFTTrainer does for PEFT models that still applies (input gradients for
+activation checkpointing; fp32 trainable parameters under mixed precision), then calls
+``SFTTrainer.__init__`` with the ready model and ``peft_config=None``. Data preparation, completion-only
+and assistant-only loss, packing, padding-free batches and the fused LM head stay trl's. Optimizer groups,
+kilobyte checkpoints, resuming and ``push_to_hub`` come from `UniLoraTrainerMixin`.
+
+trl is optional: importing this module without it raises ImportError with the install command.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+
+from .config import UniLoraConfig
+from .layer import UniLoraLinear
+from .trainer import UniLoraTrainerMixin, attach, upcast_trainable
+
+from transformers import set_seed
+
+try:
+    from trl import SFTConfig, SFTTrainer
+    from trl.trainer.utils import create_model_from_path
+except ImportError as exc:  # trl missing or broken
+    raise ImportError(
+        f"UniLoraSFTTrainer needs trl (>= 1.16), which could not be imported ({exc}). Install it with "
+        '`pip install "unilora_hf[trl]"`.'
+    ) from exc
+
+
+class UniLoraSFTMixin(UniLoraTrainerMixin):
+    """Uni-LoRA for ``trl.SFTTrainer`` and its subclasses: put it first in the bases,
+    ``class MyTrainer(UniLoraSFTMixin, SFTTrainer)``.
+
+    Args (besides the SFTTrainer ones, all passed through):
+        model: a model id or folder (loaded with ``args.model_init_kwargs``; ``dtype`` defaults to float32,
+            as in trl), or a ``PreTrainedModel``, with or without a Uni-LoRA adapter attached.
+        unilora_config: the adapter to attach; None when ``model`` already carries one.
+        unilora_learning_rate: θ_d's learning rate (default: ``args.learning_rate``; the paper uses
+            2e-3 for math and 8e-4 for instruction tuning of 7B models); heads use ``args.learning_rate``.
+        unilora_weight_decay: θ_d's weight decay (default 0).
+        save_processing_class: also save the tokenizer and ``training_args.bin`` with the adapter.
+        hub_endpoint: the Hub URL for ``push_to_hub`` (default: huggingface_hub's, i.e. ``HF_ENDPOINT``).
+
+    Raises:
+        ValueError: ``peft_config`` is given (this trainer trains a Uni-LoRA adapter, not a PEFT one), a
+            quantized base is asked for, the adapter targets the output head (trl's fused LM head reads
+            ``lm_head.weight`` directly, so the adapter there would never train), or ``chat_template_path``
+            would add tokens whose embeddings could not train.
+        AdapterStateError: the model already carries a PEFT adapter.
+    """
+
+    def __init__(self, model, args=None, *pos, unilora_config: UniLoraConfig | None = None,
+                 unilora_learning_rate: float | None = None, unilora_weight_decay: float = 0.0,
+                 save_processing_class: bool = False, hub_endpoint: str | None = None, **kwargs):
+        bound = inspect.signature(super().__init__).bind(model, args, *pos, **kwargs)
+        given = bound.arguments
+        if given.get("peft_config") is not None:
+            both = " together with unilora_config" if unilora_config is not None else ""
+            raise ValueError(
+                f"{type(self).__name__} got peft_config{both}: it trains a Uni-LoRA adapter, configured by "
+                "unilora_config=UniLoraConfig(...). Drop peft_config, or use trl.SFTTrainer for a PEFT adapter."
+            )
+        if given.get("quantization_config") is not None:
+            raise ValueError(
+                "quantization_config was given, but this version of unilora_hf trains Uni-LoRA on unquantized "
+                "bases only (bf16/fp16/fp32): drop it and set args.model_init_kwargs={'dtype': 'bfloat16'} instead."
+            )
+        args = given.get("args")
+        if args is None:  # SFTTrainer's own default, made here because the model is loaded here
+            name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "") or "model"
+            args = given["args"] = SFTConfig(f"{os.path.basename(str(name).rstrip('/'))}-SFT")
+        chat_template_path = getattr(args, "chat_template_path", None)
+        if chat_template_path is not None and not (
+            os.path.isfile(chat_template_path) and chat_template_path.endswith((".jinja", ".j2"))
+        ):
+            raise ValueError(
+                f"chat_template_path={chat_template_path!r} copies another tokenizer's template and adds its special "
+                "tokens, whose new embeddings could not train (the base is frozen). Give a .jinja file, or set "
+                "processing_class.chat_template before creating the trainer."
+            )
+
+        self._init_unilora(unilora_learning_rate, unilora_weight_decay, save_processing_class, hub_endpoint)
+        # As SFTTrainer does: seed before the adapter is created, so θ_d's initial values are reproducible.
+        set_seed(args.seed)
+        model_init_kwargs = getattr(args, "model_init_kwargs", None)
+        if isinstance(model, str):
+            model = given["model"] = self._load_model(model, args, given)
+        attach(model, unilora_config)
+        out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if isinstance(out, UniLoraLinear):
+            raise ValueError(
+                "unilora_config adapts the output head, but trl computes the log-probabilities from "
+                "lm_head.weight directly, so that adapter would never train. Remove the head from target_modules "
+                "(or list it in modules_to_save to train it in full)."
+            )
+        upcast_trainable(model, args)
+        if args.gradient_checkpointing:
+            # What SFTTrainer does for PEFT models: with frozen embeddings, reentrant checkpointing would
+            # otherwise see inputs that need no gradient and drop θ_d's.
+            model.enable_input_require_grads()
+
+        # The model is loaded already; keep SFTTrainer from warning that model_init_kwargs go unused.
+        if model_init_kwargs is not None:
+            args.model_init_kwargs = None
+        try:
+            super().__init__(*bound.args, **bound.kwargs)
+        finally:
+            if model_init_kwargs is not None:
+                args.model_init_kwargs = model_init_kwargs
+                if self.args is not args:
+                    self.args.model_init_kwargs = model_init_kwargs
+
+    @staticmethod
+    def _load_model(model_id: str, args, given: dict):
+        """The model (and, when none was given, the processing class) from an id or folder, as SFTTrainer
+        loads them: ``args.model_init_kwargs``, ``dtype`` float32 unless set, ``device_map`` None on CPU and
+        in distributed runs, ``trust_remote_code`` from ``args``."""
+        init_kwargs = dict(getattr(args, "model_init_kwargs", None) or {})
+        if init_kwargs.get("quantization_config") is not None:
+            raise ValueError(
+                "args.model_init_kwargs holds a quantization_config, but this version of unilora_hf trains "
+                "Uni-LoRA on unquantized bases only: drop it and set dtype='bfloat16' instead."
+            )
+        if args.distributed_state.distributed_type in ["MULTI_GPU", "DEEPSPEED"]:
+            init_kwargs["device_map"] = None
+        init_kwargs.setdefault("trust_remote_code", getattr(args, "trust_remote_code", False))
+        model = create_model_from_path(model_id, **init_kwargs)
+        if given.get("processing_class") is None:
+            from transformers import AutoProcessor
+
+            given["processing_class"] = AutoProcessor.from_pretrained(
+                model_id, revision=init_kwargs.get("revision"), trust_remote_code=init_kwargs["trust_remote_code"]
+            )
+        return model
+
+
+class UniLoraSFTTrainer(UniLoraSFTMixin, SFTTrainer):
+    """``trl.SFTTrainer`` for Uni-LoRA: the same arguments plus ``unilora_config``,
+    ``unilora_learning_rate``, ``unilora_weight_decay``, ``save_processing_class`` and ``hub_endpoint``
+    (see `UniLoraSFTMixin`)."""
