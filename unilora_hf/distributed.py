@@ -96,3 +96,5 @@ def load_adapter_state(model: nn.Module, state: AdapterState) -> None:
                     # Every rank has the whole tensor: cut out its own shard, no communication.
                     src = distribute_tensor(src, param.device_mesh, param.placements, src_data_rank=None)
                 param.copy_(src)
+    # Under FSDP the copy lands in the shards, not in the whole θ_d a cached readout was keyed on.
+    get_adapter(model)._drop_pass_cache()
