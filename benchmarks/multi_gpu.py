@@ -1,7 +1,7 @@
 """Training throughput of a Uni-LoRA adapter on a Llama-shaped model under DDP or FSDP2, on one or more GPUs.
 
     torchrun --nproc-per-node 2 benchmarks/multi_gpu.py --strategy fsdp2
-    torchrun --nproc-per-node 2 benchmarks/multi_gpu.py --strategy ddp,fsdp2 --json results.json
+    torchrun --nproc-per-node 2 benchmarks/multi_gpu.py --strategy ddp,fsdp2 --out results.json
     torchrun --nproc-per-node 1 benchmarks/multi_gpu.py --strategy ddp
     torchrun --nproc-per-node 2 benchmarks/multi_gpu.py --tiny --strategy ddp,fsdp2   # CPU + gloo smoke run
 
@@ -59,7 +59,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--activation-checkpointing", action="store_true", help="non-reentrant, per decoder layer")
     p.add_argument("--tiny", action="store_true", help="a tiny float32 model on CPU with gloo (smoke test)")
-    p.add_argument("--json", help="rank 0 writes the results (a list, one entry per strategy) here")
+    p.add_argument("--out", help="rank 0 writes the results (JSON: a list, one entry per strategy) here")
     args = p.parse_args(argv)
     if args.tiny:
         for key, value in TINY.items():
@@ -187,8 +187,8 @@ def main(argv=None) -> list[dict]:
                       f"{result['tokens_per_s_per_gpu']:,.0f} tokens/s per GPU, "
                       f"step median {result['step_ms_median']:.1f} ms, peak {peak}, "
                       f"loss {result['losses'][0]:.4f} -> {result['losses'][-1]:.4f}", flush=True)
-        if dist.get_rank() == 0 and args.json:
-            Path(args.json).write_text(json.dumps(results, indent=2))
+        if dist.get_rank() == 0 and args.out:
+            Path(args.out).write_text(json.dumps(results, indent=2))
     finally:
         dist.destroy_process_group()
     return results

@@ -143,7 +143,7 @@ def test_saving_a_sharded_theta_from_one_rank_is_refused(runs):
 def test_benchmark_runs_tiny_under_ddp_and_fsdp2(tmp_path):
     out = tmp_path / "bench.json"
     torchrun(REPO / "benchmarks" / "multi_gpu.py",
-             ["--tiny", "--strategy", "ddp,fsdp2", "--warmup", "1", "--steps", "2", "--json", str(out)])
+             ["--tiny", "--strategy", "ddp,fsdp2", "--warmup", "1", "--steps", "2", "--out", str(out)])
     results = json.loads(out.read_text())
     assert [r["strategy"] for r in results] == ["ddp", "fsdp2"]
     for r in results:
