@@ -300,6 +300,11 @@ def main(argv=None) -> dict:
     model, args = trainer.model, trainer.args
     trained = trainer.evaluate()[f"eval_{metric}"]
     trainer.save_model(str(a.output_dir / "adapter"))
+    if trainer.args.world_size > 1:  # accelerate launch / torchrun: the push-and-reload check below is one-process
+        if trainer.is_world_process_zero():
+            print(json.dumps({"task": a.task, f"dev_{metric}": round(trained, 2), "adapter": str(a.output_dir / "adapter"),
+                              "world_size": trainer.args.world_size}, indent=2))
+        return None
 
     server = None
     endpoint, token = a.hub_endpoint, a.hub_token

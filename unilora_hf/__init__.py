@@ -6,6 +6,7 @@ fixed, seeded, isometric projection, so an adapter is θ_d plus a seed.
 
 from .auto import UniLoraAutoModel
 from .config import UniLoraConfig
+from .distributed import AdapterState, gather_adapter_state, load_adapter_state
 from .errors import AdapterFormatError, AdapterStateError, LayoutMismatchError, UniLoraError
 from .errors import HubPushError
 from .hub import load_adapter
@@ -20,6 +21,7 @@ from .version import __version__
 
 __all__ = [
     "AdapterFormatError",
+    "AdapterState",
     "AdapterStateError",
     "HubPushError",
     "LayoutMismatchError",
@@ -32,10 +34,12 @@ __all__ = [
     "UniLoraTrainer",
     "__version__",
     "export_lora",
+    "gather_adapter_state",
     "get_adapter",
     "has_adapter",
     "inject_adapter",
     "load_adapter",
+    "load_adapter_state",
     "push_adapter",
     "read_adapter",
     "save_adapter",

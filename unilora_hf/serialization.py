@@ -26,7 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import UniLoraConfig
-from .errors import AdapterFormatError, LayoutMismatchError
+from .errors import AdapterFormatError, AdapterStateError, LayoutMismatchError
 from .layout import build_layout, check_layout, compact, fingerprint, resolve_targets
 from .projection import NATIVE, PEFT, SPEC_VERSIONS
 from .version import __version__
@@ -72,7 +72,8 @@ def auto_class_of(model: torch.nn.Module) -> str:
     """The transformers Auto class that builds ``model``'s class ("AutoModel" when none fits better)."""
     from transformers.models.auto import modeling_auto as ma
 
-    name = type(model).__name__
+    # FSDP2 re-classes a sharded model as a subclass named FSDP<Name>: look through the MRO.
+    name = next((c.__name__ for c in type(model).__mro__ if not c.__name__.startswith("FSDP")), type(model).__name__)
     for auto, mapping in (
         ("AutoModelForCausalLM", ma.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES),
         ("AutoModelForSequenceClassification", ma.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES),
@@ -143,14 +144,19 @@ def _peft_config_dict(adapter, meta: dict) -> dict:
 
 
 def save_adapter(adapter, save_directory: str | os.PathLike, base_model_name_or_path: str | None = None,
-                 revision: str | None = None) -> list[str]:
+                 revision: str | None = None, state=None) -> list[str]:
     """Write the adapter into ``save_directory`` (created if needed); returns the two paths written.
-    Files are written to temporary names and renamed, so a failure leaves no half-written adapter."""
+    Files are written to temporary names and renamed, so a failure leaves no half-written adapter.
+
+    ``state``: the whole trained tensors (`unilora_hf.distributed.AdapterState`) when FSDP shards the live
+    ones; gather them with ``gather_adapter_state(model)`` on every rank, then save on one."""
     out = Path(save_directory)
+    if state is None:
+        state = _live_state(adapter)
     out.mkdir(parents=True, exist_ok=True)
     meta = adapter_metadata(adapter, base_model_name_or_path, revision)
-    theta = adapter.theta_d.detach().float().cpu().contiguous()
-    extras = {k: v.detach().cpu().contiguous() for k, v in adapter.trainable_state().items()}
+    theta = state.theta_d.detach().float().cpu().contiguous()
+    extras = {k: v.detach().cpu().contiguous() for k, v in state.tensors.items()}
     if adapter.config.projection == PEFT:
         config_text = json.dumps(_peft_config_dict(adapter, meta), indent=2, sort_keys=True)
         tensors = {PEFT_THETA_KEY: theta, **{f"base_model.model.{k}": v for k, v in extras.items()}}
@@ -168,6 +174,19 @@ def save_adapter(adapter, save_directory: str | os.PathLike, base_model_name_or_
     os.replace(tmp_weights, weights_path)
     os.replace(tmp_config, config_path)
     return [str(config_path), str(weights_path)]
+
+
+def _live_state(adapter):
+    from .distributed import AdapterState, _is_dtensor
+
+    theta = adapter.theta_d
+    if _is_dtensor(theta) or theta.numel() != adapter.config.theta_d_length:
+        raise AdapterStateError(
+            f"θ_d is sharded by FSDP (this rank holds {theta.numel() if not _is_dtensor(theta) else 'a DTensor'} "
+            f"of its {adapter.config.theta_d_length} values). Call state = unilora_hf.gather_adapter_state(model) on "
+            "every rank, then save_adapter(..., state=state) on rank 0 (UniLoraTrainer.save_model does this)."
+        )
+    return AdapterState(theta, adapter.trainable_state())
 
 
 # -- reading -------------------------------------------------------------------------------------

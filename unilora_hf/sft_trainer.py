@@ -20,7 +20,10 @@ import os
 
 from .config import UniLoraConfig
 from .layer import UniLoraLinear
-from .trainer import UniLoraTrainerMixin, attach, quantized_base_accepted, upcast_trainable
+from .trainer import (
+    UniLoraTrainerMixin, attach, broadcast_theta_from_rank0, quantized_base_accepted, refuse_reentrant_under_ddp,
+    upcast_trainable,
+)
 
 from transformers import set_seed
 
@@ -126,6 +129,8 @@ class UniLoraSFTMixin(UniLoraTrainerMixin):
                 args.model_init_kwargs = model_init_kwargs
                 if self.args is not args:
                     self.args.model_init_kwargs = model_init_kwargs
+        refuse_reentrant_under_ddp(self)
+        broadcast_theta_from_rank0(self)
 
     @staticmethod
     def _load_model(model_id: str, args, given: dict):

@@ -6,6 +6,11 @@ that already has one, or wraps ``model_init`` so every trial gets a fresh adapte
 optimizer group, found by identity, with ``unilora_learning_rate`` (default: ``args.learning_rate``) and
 no weight decay; heads keep ``args.learning_rate``. Checkpoints hold the adapter files plus the
 optimizer, scheduler and RNG state that resuming needs; ``push_to_hub`` uploads the adapter repo.
+
+Under ``torchrun`` / ``accelerate launch`` it runs with DDP, FSDP2 and FSDP1 (``use_orig_params=True``):
+rank 0's θ_d is broadcast at construction; under FSDP, ``save_model`` gathers θ_d and the heads on every
+rank and writes them from rank 0, and checkpoints leave the base model out. Reentrant activation
+checkpointing under DDP is refused unless ``ddp_static_graph=True`` (see `refuse_reentrant_under_ddp`).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from transformers import Trainer
 from transformers.trainer_pt_utils import get_parameter_names
 
 from .config import UniLoraConfig
+from .distributed import AdapterState, gather_adapter_state, load_adapter_state
 from .errors import AdapterFormatError, LayoutMismatchError
 from .model import UniLoraAdapter, get_adapter, has_adapter, inject_adapter, unwrap
 from .serialization import read_adapter
@@ -108,10 +114,55 @@ def load_adapter_weights(model, folder: str | os.PathLike) -> None:
     live = adapter.trainable_state()
     if set(live) != set(files.tensors):
         raise AdapterFormatError(f"checkpoint {folder} holds heads {sorted(files.tensors)}, this run trains {sorted(live)}")
+    load_adapter_state(model, AdapterState(files.theta_d, files.tensors))
+
+
+def _uses_reentrant_checkpointing(model, args) -> bool:
+    """Whether training will run reentrant activation checkpointing: asked for through ``args`` (transformers
+    defaults to non-reentrant; torch's ``checkpoint`` to reentrant when kwargs omit ``use_reentrant``), or
+    already switched on in ``model``."""
+    if getattr(args, "activation_checkpointing", False):
+        kwargs = dict(args.activation_checkpointing_kwargs or {})
+        kwargs.pop("every_n_layers", None)
+        kwargs.pop("offload", None)
+        return bool(kwargs) and kwargs.get("use_reentrant", True) is not False
+    for module in unwrap(model).modules():
+        func = module.__dict__.get("_gradient_checkpointing_func")
+        if func is not None and getattr(module, "gradient_checkpointing", False):
+            if getattr(func, "keywords", {}).get("use_reentrant", True) is not False:
+                return True
+    return False
+
+
+def refuse_reentrant_under_ddp(trainer) -> None:
+    """Reentrant checkpointing under DDP trains θ_d on a wrong gradient, silently: every checkpointed layer
+    adds to θ_d's gradient in its own nested backward, and DDP all-reduces θ_d at the first of them. With
+    ``ddp_static_graph=True`` DDP waits for all of them (tests/test_distributed.py checks both)."""
+    args = trainer.args
+    ddp = (args.world_size > 1 and not getattr(trainer, "is_fsdp_enabled", False)
+           and not getattr(trainer, "is_deepspeed_enabled", False))
+    if ddp and not args.ddp_static_graph and _uses_reentrant_checkpointing(trainer.model, args):
+        raise ValueError(
+            "reentrant activation checkpointing under DDP gives θ_d a wrong gradient: θ_d is shared by every "
+            "checkpointed layer, each adds to its gradient in a separate backward pass, and DDP all-reduces it "
+            "after the first one. Use non-reentrant checkpointing (activation_checkpointing_kwargs="
+            "{'use_reentrant': False}, transformers' default), or keep it reentrant and set ddp_static_graph=True."
+        )
+
+
+def broadcast_theta_from_rank0(trainer) -> None:
+    """Make every rank start from rank 0's θ_d. It is drawn from each process's own torch RNG at injection;
+    DDP broadcasts parameters when it wraps the model, but FSDP2 shards each rank's local copy, so ranks
+    whose RNG states differ would start from a mix of their draws."""
+    import torch.distributed as dist
+
+    if trainer.args.world_size <= 1 or not (dist.is_available() and dist.is_initialized()):
+        return
+    theta = get_adapter(trainer.model).theta_d
+    buffer = theta.detach().to(trainer.args.device)  # NCCL needs it on the GPU; the model may still be on CPU
+    dist.broadcast(buffer, src=0)
     with torch.no_grad():
-        adapter.theta_d.copy_(files.theta_d.to(adapter.theta_d.device))
-        for name, tensor in files.tensors.items():
-            live[name].copy_(tensor.to(live[name].device, live[name].dtype))
+        theta.copy_(buffer.to(theta.device))
 
 
 class UniLoraTrainerMixin:
@@ -160,16 +211,41 @@ class UniLoraTrainerMixin:
         self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
         return self.optimizer
 
-    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        """Write the adapter files (kilobytes) instead of the full model."""
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Under FSDP: gather θ_d and the heads on every rank (never the frozen base model), write them from
+        rank 0. Otherwise as ``Trainer.save_model``, whose ``_save`` writes the adapter."""
+        if not getattr(self, "is_fsdp_enabled", False):
+            return super().save_model(output_dir, _internal_call=_internal_call)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        state = gather_adapter_state(self.model)
+        self._save(output_dir, adapter_state=state)
+        if self.args.push_to_hub and not _internal_call:
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None,
+              adapter_state: AdapterState | None = None) -> None:
+        """Write the adapter files (kilobytes) instead of the full model, on the process that saves."""
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if not self.args.should_save:
             return
         os.makedirs(output_dir, exist_ok=True)
-        get_adapter(self.model).save_adapter(output_dir)
+        get_adapter(self.model).save_adapter(output_dir, state=adapter_state)
         if self.save_processing_class and self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
             torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        """Under FSDP, Trainer would also write the whole base model next to the optimizer; keep the
+        checkpoint to the adapter (saved by ``save_model``), the optimizer and the scheduler."""
+        if not getattr(self, "is_fsdp_enabled", False):
+            return super()._save_optimizer_and_scheduler(output_dir)
+        from accelerate.utils import save_fsdp_optimizer
+        from transformers.trainer import SCHEDULER_NAME
+
+        save_fsdp_optimizer(self.accelerator.state.fsdp_plugin, self.accelerator, self.optimizer, self.model,
+                            output_dir)
+        if self.args.should_save:
+            torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         load_adapter_weights(self.model if model is None else model, resume_from_checkpoint)
@@ -281,3 +357,5 @@ class UniLoraTrainer(UniLoraTrainerMixin, Trainer):
             upcast_trainable(model, args)
         with quantized_base_accepted(model):
             super().__init__(model, args, *pos, **kwargs)
+        refuse_reentrant_under_ddp(self)
+        broadcast_theta_from_rank0(self)
