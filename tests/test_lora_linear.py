@@ -9,7 +9,7 @@ from unilora_hf import UniLoraConfig, get_adapter, inject_adapter
 from unilora_hf.kernels import lora_linear
 from unilora_hf.model import unwrap
 
-from models import tiny_bert, tiny_gpt2, tiny_llama, tokens
+from models import tiny_gpt2, tiny_llama, tokens
 
 
 def _composite(x, W, b, A, B):
@@ -94,38 +94,6 @@ def test_activation_checkpointing_gives_the_same_theta_gradient(reentrant):
     checkpointed = _theta_grad(model, ids, weights)
     torch.testing.assert_close(checkpointed, plain, rtol=1e-5, atol=1e-6 * plain.abs().max().item())
     assert adapter._forward_depth == 0 and adapter._theta_D is None and not adapter._pairs
-
-
-def test_sibling_layers_share_one_lora_input_gemm_with_the_same_results():
-    """q/k/v and gate/up are called on one tensor: one GEMM forms x Aᵀ for the group. Outputs and θ_d's
-    gradient equal those of per-layer GEMMs, for Llama (q/k/v, gate/up) and BERT (query/value)."""
-    from unilora_hf.model import sibling_groups
-
-    for build, cfg in ((tiny_llama, UniLoraConfig(r=3, theta_d_length=97, target_modules="all-linear")),
-                       (tiny_bert, UniLoraConfig(r=2, theta_d_length=50, target_modules=["query", "key", "value"]))):
-        results = []
-        for share in (True, False):
-            torch.manual_seed(0)
-            model = build()
-            adapter = inject_adapter(model, cfg)
-            names = [[adapter.layers[i].name.rpartition(".")[2] for i in g] for g in adapter._sibling_groups]
-            if build is tiny_llama:
-                assert names == [["q_proj", "k_proj", "v_proj"], ["gate_proj", "up_proj"]] * 2
-            else:
-                assert names == [["query", "key", "value"]] * 2
-            shared = []
-            real = adapter.sibling_lora_input
-            adapter.sibling_lora_input = lambda spec, x: shared.append(real(spec, x)) or shared[-1]
-            if not share:
-                adapter._sibling_groups = []
-            ids = tokens(model)
-            out = model(input_ids=ids).logits
-            (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
-            assert sum(h is not None for h in shared) == (sum(map(len, names)) if share else 0)
-            results.append((out.detach(), adapter.theta_d.grad.clone()))
-        torch.testing.assert_close(results[0][0], results[1][0])
-        torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-5, atol=1e-7)
-    assert sibling_groups([]) == []
 
 
 def test_conv1d_and_dropout_take_the_general_path():

@@ -89,8 +89,7 @@ class UniLoraLinear(nn.Module):
         plain = None if args or kwargs else self._frozen_plain_weights(base, x)
         if plain is not None:
             A, B = self._pair(x.device, x.dtype)
-            h = self._unilora_root.unilora_adapter.sibling_lora_input(self.spec, x)
-            return lora_linear.frozen_linear_lora(x, plain[0], plain[1], A, B, h)
+            return lora_linear.frozen_linear_lora(x, plain[0], plain[1], A, B)
         result = base(x, *args, **kwargs)
         A, B = self._pair(result.device, result.dtype)
         return lora_linear.add_lora(result, self.unilora_dropout(x), A, B)

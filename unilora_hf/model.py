@@ -59,46 +59,6 @@ def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
-SIBLING_SETS = (
-    ("q_proj", "k_proj", "v_proj"),
-    ("gate_proj", "up_proj"),
-    ("query", "key", "value"),
-    ("q", "k", "v"),
-    ("wq", "wk", "wv"),
-    ("w1", "w3"),
-)
-
-
-def _activation_checkpointing(model: nn.Module) -> bool:
-    """Whether a transformers model has activation checkpointing on (either name of the property)."""
-    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
-        if isinstance(getattr(type(model), name, None), property):
-            return bool(getattr(model, name))
-    return False
-
-
-def sibling_groups(layers: list[LayerSpec]) -> list[list[int]]:
-    """Indices of adapted layers that models call on one input tensor: members of one of ``SIBLING_SETS``
-    under the same parent with equal in_features and r (two or more per group)."""
-    found: dict[tuple, list[int]] = {}
-    for i, spec in enumerate(layers):
-        parent, _, leaf = spec.name.rpartition(".")
-        for n, names in enumerate(SIBLING_SETS):
-            if leaf in names:
-                found.setdefault((parent, n, spec.in_features, spec.r), []).append(i)
-    return [group for group in found.values() if len(group) > 1]
-
-
-class _SiblingInput:
-    """One pass's shared LoRA input of a sibling group: A stacked ((n·r)×in), the last input tensor seen
-    and its x Aᵀ split per member."""
-
-    __slots__ = ("A", "r", "x", "h")
-
-    def __init__(self, A: torch.Tensor, r: int):
-        self.A, self.r, self.x, self.h = A, r, None, None
-
-
 class UniLoraAdapter:
     """The adapter on one model: its config, layout, projection and the operations on it."""
 
@@ -111,11 +71,8 @@ class UniLoraAdapter:
         self.base_model_revision = None
         self._slot = {spec.offset: i for i, spec in enumerate(layers)}
         self._split_sizes = [n for spec in layers for n in (spec.r * spec.in_features, spec.r * spec.out_features)]
-        self._sibling_groups = sibling_groups(layers)
-        self._siblings: dict[tuple, dict[int, tuple[_SiblingInput, int]]] = {}
         self._forward_depth = 0
         self._training_pass = False
-        self._share_siblings = True
         self._first_layer: UniLoraLinear | None = None
         self._theta_D: torch.Tensor | None = None
         self._pairs: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = {}
@@ -132,7 +89,6 @@ class UniLoraAdapter:
     def _open_pass(self, module, args):
         if self._forward_depth == 0:
             self._training_pass = torch.is_grad_enabled()
-            self._share_siblings = not _activation_checkpointing(self.model)
             if self._training_pass or self._pairs_version != self._theta_version():
                 self._drop_pass_cache()
         self._forward_depth += 1
@@ -154,14 +110,10 @@ class UniLoraAdapter:
             self._theta_D = None
             if self._training_pass:
                 self._drop_pass_cache()
-            for groups in self._siblings.values():
-                for state, _ in groups.values():
-                    state.x = state.h = None
 
     def _drop_pass_cache(self) -> None:
         self._theta_D = None
         self._pairs = {}
-        self._siblings = {}
         self._pairs_version = None
 
     def _theta_version(self) -> tuple:
@@ -191,51 +143,12 @@ class UniLoraAdapter:
             if not grad:
                 self._pairs_version = self._theta_version()
             parts = torch.split(theta_D.to(device=device, dtype=dtype), self._split_sizes)
-            siblings: dict[int, tuple[_SiblingInput, int]] = {}
-            if self._sibling_groups:
-                # Reorder once (one cat) so that each sibling group's A blocks are one (n·r)×in block:
-                # one GEMM then forms x Aᵀ for every member, and one GEMM its gradient.
-                grouped = {i for group in self._sibling_groups for i in group}
-                order = [2 * i for group in self._sibling_groups for i in group]
-                order += [j for j in range(len(parts)) if not (j % 2 == 0 and j // 2 in grouped)]
-                sizes = [sum(self._split_sizes[2 * i] for i in group) for group in self._sibling_groups]
-                sizes += [self._split_sizes[j] for j in order[len(grouped):]]
-                pieces = torch.split(torch.cat([parts[j] for j in order]), sizes)
-                parts = list(parts)
-                for j, piece in zip(order[len(grouped):], pieces[len(self._sibling_groups):]):
-                    parts[j] = piece
-                for group, piece in zip(self._sibling_groups, pieces):
-                    r, n_in = self.layers[group[0]].r, self.layers[group[0]].in_features
-                    state = _SiblingInput(piece.view(len(group) * r, n_in), r)
-                    for k, i in enumerate(group):
-                        siblings[i] = (state, k)
-                        parts[2 * i] = state.A[k * r : (k + 1) * r]
             pairs = [
                 (parts[2 * i].view(s.r, s.in_features), parts[2 * i + 1].view(s.out_features, s.r))
                 for i, s in enumerate(self.layers)
             ]
             self._pairs[key] = pairs
-            self._siblings[key] = siblings
         return pairs[self._slot[spec.offset]]
-
-    def sibling_lora_input(self, spec: LayerSpec, x: torch.Tensor) -> torch.Tensor | None:
-        """``x Aᵀ`` (T×r) of the layer with ``spec`` when it belongs to a sibling group (q/k/v, gate/up, ...):
-        the first member called with ``x`` forms it for the whole group in one GEMM, and the others reuse
-        it while they are called with the same tensor. None outside a root pass, for layers without
-        siblings, before ``lora_pair`` built this pass's views, and when the model reports activation
-        checkpointing: its re-run inside backward reads each layer on its own, and non-reentrant
-        checkpointing requires the re-run to save the same tensors as the first run."""
-        groups = self._siblings.get((x.device, x.dtype, torch.is_grad_enabled())) if self._share_siblings else None
-        if not groups:
-            return None
-        entry = groups.get(self._slot[spec.offset])
-        if entry is None:
-            return None
-        state, k = entry
-        if state.x is not x:
-            state.h = torch.split(x.reshape(-1, x.shape[-1]) @ state.A.t(), state.r, dim=1)
-            state.x = x
-        return state.h[k]
 
     def _theta_D_now(self) -> torch.Tensor:
         """θ_D in float32, not differentiable (for merging)."""

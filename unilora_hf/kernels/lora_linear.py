@@ -40,19 +40,13 @@ def _no_autocast(x: torch.Tensor):
 
 
 def frozen_linear_lora(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    h: torch.Tensor | None = None,
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor, B: torch.Tensor
 ) -> torch.Tensor:
     """``x Wᵀ + b + (x Aᵀ) Bᵀ`` for a frozen ``nn.Linear`` (W: out×in); x, W, A, B of one dtype.
-    ``h``, when given, is ``x Aᵀ`` already formed (T×r, for sibling layers sharing x). Differentiable
-    in x, A and B."""
+    Differentiable in x, A and B."""
     x2 = _flat(x)
     y = F.linear(x2, weight, bias)
-    y.addmm_(x2 @ A.t() if h is None else h, B.t())
+    y.addmm_(x2 @ A.t(), B.t())
     return y.view(*x.shape[:-1], y.shape[-1])
 
 
