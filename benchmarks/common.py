@@ -9,6 +9,8 @@ memory figures come from ``torch.cuda.memory_allocated`` / ``max_memory_allocate
 
 from __future__ import annotations
 
+import argparse
+
 import gc
 import json
 import math
@@ -324,3 +326,17 @@ def stopwatch(record: dict, key: str):
         yield
     finally:
         record[key] = time.perf_counter() - t0
+
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def base_parser(doc: str, tiny_help: str) -> argparse.ArgumentParser:
+    """The options every single-GPU benchmark takes: --out, --size, --tiny, --device, --dtype."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="where to write the JSON record")
+    p.add_argument("--size", choices=["1b", "7b"], default="1b")
+    p.add_argument("--tiny", action="store_true", help=tiny_help)
+    p.add_argument("--device", default=None, help="cuda (default when available) or cpu")
+    p.add_argument("--dtype", choices=list(DTYPES), default=None, help="default bf16 (tiny: fp32)")
+    return p

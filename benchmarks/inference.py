@@ -48,16 +48,8 @@ ADAPTER_OF = {"unilora_hf_merged": "unilora_hf", "unilora_hf_unloaded": "unilora
               "peft_unilora_merged": "peft_unilora"}
 UNMERGED_OF = {"unilora_hf_merged": "unilora_hf_unmerged", "unilora_hf_unloaded": "unilora_hf_unmerged",
                "peft_unilora_merged": "peft_unilora"}
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, help="where to write the JSON record")
-    p.add_argument("--size", choices=["1b", "7b"], default="1b")
-    p.add_argument("--tiny", action="store_true", help="tiny Llama, short prompt: a CPU smoke test of the script")
-    p.add_argument("--device", default=None, help="cuda (default when available) or cpu")
-    p.add_argument("--dtype", choices=list(DTYPES), default=None, help="default bf16 (tiny: fp32)")
+    p = common.base_parser(__doc__, "tiny Llama, short prompt: a CPU smoke test of the script")
     p.add_argument("--prompt", type=int, default=None, help="prompt tokens (default 512; tiny 8)")
     p.add_argument("--new-tokens", type=int, default=None, help="tokens to generate (default 128; tiny 4)")
     p.add_argument("--repeats", type=int, default=None, help="timed prefills (default 10; tiny 2)")
@@ -173,7 +165,7 @@ def measure(key: str, args, cfg, device, dtype, folders, prompt) -> dict:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     device = common.pick_device("cpu" if args.tiny and args.device is None else args.device)
-    dtype = DTYPES[args.dtype]
+    dtype = common.DTYPES[args.dtype]
     cfg = common.llama_config("tiny" if args.tiny else args.size)
     prompt = common.random_tokens(cfg.vocab_size, 1, args.prompt, device)
     record = {

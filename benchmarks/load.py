@@ -40,16 +40,8 @@ ROWS = {
     "peft_unilora": "PEFT UniLoRA",
 }
 PEFT_INDEXED = ("unilora_hf_peft", "peft_unilora")
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, help="where to write the JSON record")
-    p.add_argument("--size", choices=["1b", "7b"], default="1b")
-    p.add_argument("--tiny", action="store_true", help="tiny Llama, small D: a CPU smoke test of the script")
-    p.add_argument("--device", default=None, help="cuda (default when available) or cpu")
-    p.add_argument("--dtype", choices=list(DTYPES), default=None, help="default bf16 (tiny: fp32)")
+    p = common.base_parser(__doc__, "tiny Llama, small D: a CPU smoke test of the script")
     p.add_argument("--ranks", default=None, help="comma-separated ranks (default 1,4,16,64,256; tiny 1,4)")
     p.add_argument("--d", type=int, default=None, help="theta_d_length (default 2^19; tiny 512)")
     p.add_argument("--peft-max-d", type=int, default=None,
@@ -175,7 +167,7 @@ def main(argv=None) -> dict:
     }
     print(f"load: {record['settings']}\nenvironment: {record['environment']}", flush=True)
     t_all = time.perf_counter()
-    base = common.build_llama(cfg, device, DTYPES[args.dtype], seed=0).eval()
+    base = common.build_llama(cfg, device, common.DTYPES[args.dtype], seed=0).eval()
     base_ids = common.tensor_ids(base)
     ids = common.random_tokens(cfg.vocab_size, 1, 16, device)
     with tempfile.TemporaryDirectory(prefix="unilora_load_bench_") as tmp_name:

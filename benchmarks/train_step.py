@@ -47,13 +47,8 @@ ROWS = {
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, help="where to write the JSON record")
-    p.add_argument("--size", choices=["1b", "7b"], default="1b")
+    p = common.base_parser(__doc__, "tiny Llama, few steps: a CPU smoke test of the script")
     p.add_argument("--layers", type=int, default=None, help="override the layer count of --size")
-    p.add_argument("--tiny", action="store_true", help="tiny Llama, few steps: a CPU smoke test of the script")
-    p.add_argument("--device", default=None, help="cuda (default when available) or cpu")
-    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None, help="default bf16 (tiny: fp32)")
     p.add_argument("--batch", type=int, default=None, help="sequences per step (default 4; tiny 2)")
     p.add_argument("--seq", type=int, default=None, help="tokens per sequence (default 1024; tiny 32)")
     p.add_argument("--r", type=int, default=None, help="rank (default 16; tiny 4)")
@@ -80,9 +75,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.steps < 1 or args.warmup < 0:
         p.error("--steps must be >= 1 and --warmup >= 0")
     return args
-
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def attach(key: str, model, args):
@@ -183,7 +175,7 @@ def profile(step, n: int, device) -> dict:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     device = common.pick_device("cpu" if args.tiny and args.device is None else args.device)
-    dtype = DTYPES[args.dtype]
+    dtype = common.DTYPES[args.dtype]
     cfg = common.llama_config("tiny" if args.tiny else args.size, args.layers)
     D = args.r * common.lora_numel_per_rank(cfg)
     ids = common.random_tokens(cfg.vocab_size, args.batch, args.seq, device)
