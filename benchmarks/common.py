@@ -340,3 +340,11 @@ def base_parser(doc: str, tiny_help: str) -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cuda (default when available) or cpu")
     p.add_argument("--dtype", choices=list(DTYPES), default=None, help="default bf16 (tiny: fp32)")
     return p
+
+
+def print_footer(headers: list[str], table: list[list], record: dict) -> None:
+    """Print a results table, the met/MISSED line of the project targets, and the total time."""
+    print(markdown_table(headers, table))
+    if record["targets"]:
+        print("\nProject targets: " + "; ".join(f"{k}: {'met' if v else 'MISSED'}" for k, v in record["targets"].items()))
+    print(f"\ntotal {record['total_s']:.1f} s")

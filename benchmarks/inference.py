@@ -240,11 +240,7 @@ def print_table(record: dict) -> None:
                       rec.get("decode_vs_base"), rec.get("attach_s"), rec.get("merge_s"),
                       common.to_gib(rec["peak_bytes"]), rec.get("max_logit_change_vs_base"),
                       rec.get("max_logit_diff_vs_unmerged")])
-    print(common.markdown_table(headers, table))
-    if record["targets"]:
-        print("\nProject targets: " + "; ".join(f"{k}: {'met' if v else 'MISSED'}"
-                                                           for k, v in record["targets"].items()))
-    print(f"\ntotal {record['total_s']:.1f} s")
+    common.print_footer(headers, table, record)
 
 
 if __name__ == "__main__":

@@ -226,11 +226,7 @@ def print_table(record: dict) -> None:
                              common.to_mib(st["buffers"] + st["cache"]), common.to_mib(st["host"]), rec["forward_s"],
                              common.to_mib(rec.get("forward_peak_extra_bytes")),
                              common.to_mib(rec.get("resident_after_forward_bytes")), rec["save_s"]])
-    print(common.markdown_table(headers, table))
-    if record["targets"]:
-        print("\nProject targets: " + "; ".join(f"{k}: {'met' if v else 'MISSED'}"
-                                                           for k, v in record["targets"].items()))
-    print(f"\ntotal {record['total_s']:.1f} s")
+    common.print_footer(headers, table, record)
 
 
 if __name__ == "__main__":
