@@ -153,3 +153,16 @@ def test_bad_trainer_input(tmp_path):
         UniLoraTrainer(peft_model.base_model.model, args(tmp_path), unilora_config=CFG)
     with pytest.raises(ValueError, match="matched no module"):
         UniLoraTrainer(tiny_bert(), args(tmp_path), unilora_config=UniLoraConfig(target_modules=["nothing"]))
+
+
+def test_training_summary_lists_only_what_applied(tmp_path):
+    with_head = UniLoraTrainer(tiny_bert(num_labels=2), args(tmp_path, max_steps=2), train_dataset=Toy(),
+                               unilora_config=CFG, unilora_learning_rate=5e-2)
+    hyper = with_head.training_summary()["hyperparameters"]
+    assert hyper["unilora_learning_rate"] == 5e-2 and hyper["learning_rate (heads)"] == 1e-2
+    assert hyper["max_steps"] == 2 and "num_train_epochs" not in hyper  # Trainer ignores epochs then
+    no_head = UniLoraTrainer(tiny_bert(num_labels=2), args(tmp_path, num_train_epochs=2), train_dataset=Toy(),
+                             unilora_config=UniLoraConfig(r=2, theta_d_length=50, target_modules=["query"]))
+    hyper = no_head.training_summary()["hyperparameters"]
+    assert "learning_rate (heads)" not in hyper and "max_steps" not in hyper
+    assert hyper["num_train_epochs"] == 2 and hyper["unilora_learning_rate"] == 1e-2

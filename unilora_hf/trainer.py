@@ -313,20 +313,28 @@ class UniLoraTrainerMixin:
         history = list(getattr(self.state, "log_history", []) or [])
         losses = [(h["step"], h["loss"]) for h in history if "loss" in h and "step" in h]
         evals = {k: v for h in history for k, v in h.items() if k.startswith("eval_")}
+        hyper: dict[str, Any] = {
+            "unilora_learning_rate": self.unilora_learning_rate if self.unilora_learning_rate is not None
+            else args.learning_rate,
+        }
+        if get_adapter(self.model).trainable_state():
+            hyper["learning_rate (heads)"] = args.learning_rate
+        hyper.update({
+            "per_device_train_batch_size": args.per_device_train_batch_size,
+            "gradient_accumulation_steps": args.gradient_accumulation_steps,
+        })
+        if args.max_steps > 0:  # Trainer ignores num_train_epochs then
+            hyper["max_steps"] = args.max_steps
+        else:
+            hyper["num_train_epochs"] = args.num_train_epochs
+        hyper.update({
+            "lr_scheduler_type": str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)),
+            "warmup_steps": args.warmup_steps,
+            "seed": args.seed,
+            "bf16": args.bf16,
+        })
         return {
-            "hyperparameters": {
-                "unilora_learning_rate": self.unilora_learning_rate if self.unilora_learning_rate is not None
-                else args.learning_rate,
-                "learning_rate (heads)": args.learning_rate,
-                "per_device_train_batch_size": args.per_device_train_batch_size,
-                "gradient_accumulation_steps": args.gradient_accumulation_steps,
-                "num_train_epochs": args.num_train_epochs,
-                "max_steps": args.max_steps,
-                "lr_scheduler_type": str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)),
-                "warmup_steps": args.warmup_steps,
-                "seed": args.seed,
-                "bf16": args.bf16,
-            },
+            "hyperparameters": hyper,
             "metrics": evals,
             "loss_history": losses,
             "global_step": self.state.global_step,
