@@ -179,8 +179,9 @@ def build_model(a, model_path: str, num_labels: int):
     """The model for ``a.method`` and its optimizer groups (None: UniLoraTrainer makes them).
 
     The base is loaded right after ``torch.manual_seed(a.seed)``, so every method starts from the same
-    head; the Uni-LoRA runs then draw θ_d from the same RNG state (ours in ``UniLoraTrainer.__init__``,
-    PEFT's in ``get_peft_model``), so ``unilora --projection peft`` and ``peft-unilora`` start equal.
+    head; the Uni-LoRA runs then draw θ_d right after ``set_seed(a.seed)`` (ours in ``UniLoraTrainer.__init__``,
+    which seeds with ``args.seed``; PEFT's here, before ``get_peft_model``), so ``unilora --projection peft``
+    and ``peft-unilora`` start equal.
     """
     torch.manual_seed(a.seed)
     model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=num_labels)
@@ -199,7 +200,9 @@ def build_model(a, model_path: str, num_labels: int):
 
     if a.method == "peft-unilora":
         from peft import UniLoraConfig as PeftUniLoraConfig
+        from transformers import set_seed
 
+        set_seed(a.seed)
         model = get_peft_model(model, PeftUniLoraConfig(
             r=a.r, theta_d_length=a.d, proj_seed=a.proj_seed, target_modules=TARGETS, modules_to_save=[HEAD],
             task_type="SEQ_CLS"))

@@ -166,3 +166,13 @@ def test_training_summary_lists_only_what_applied(tmp_path):
     hyper = no_head.training_summary()["hyperparameters"]
     assert "learning_rate (heads)" not in hyper and "max_steps" not in hyper
     assert hyper["num_train_epochs"] == 2 and hyper["unilora_learning_rate"] == 1e-2
+
+
+def test_args_seed_sets_theta_d_initial_values(tmp_path):
+    thetas = []
+    for _ in range(2):
+        torch.manual_seed(len(thetas))  # a different global RNG state each time
+        trainer = UniLoraTrainer(tiny_bert(num_labels=2), args(tmp_path, seed=7), train_dataset=Toy(),
+                                 unilora_config=CFG)
+        thetas.append(get_adapter(trainer.model).theta_d.detach().clone())
+    assert torch.equal(thetas[0], thetas[1])

@@ -20,7 +20,7 @@ import os
 from typing import Any, Callable
 
 import torch
-from transformers import Trainer
+from transformers import Trainer, set_seed
 from transformers.trainer_pt_utils import get_parameter_names
 
 from .config import UniLoraConfig
@@ -361,6 +361,8 @@ class UniLoraTrainer(UniLoraTrainerMixin, Trainer):
         if kwargs.get("model_init") is not None:
             kwargs["model_init"] = self._wrap_model_init(kwargs["model_init"], unilora_config)
         if model is not None:
+            if args is not None and unilora_config is not None and not has_adapter(model):
+                set_seed(args.seed)  # as Trainer does before model_init: θ_d's initial draw follows args.seed
             attach(model, unilora_config)
             upcast_trainable(model, args)
         with quantized_base_accepted(model):
