@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
+from transformers import set_seed
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from models import tiny_llama  # noqa: E402
@@ -121,8 +122,11 @@ def run_job(job: dict) -> None:
         AcceleratorState._reset_state()
         model = tiny_llama()
         config = CFG_HEADS if job.get("heads") else CFG
+        args = training_args(job, out)
         if job.get("rank1_theta_differs"):
             # As if the ranks' RNGs had diverged before injection: the Trainer must start all from rank 0's θ_d.
+            # Rank 0 draws it as UniLoraTrainer would (right after seeding with args.seed).
+            set_seed(args.seed)
             inject_adapter(model, config)
             config = None
             if rank == 1:
@@ -130,7 +134,7 @@ def run_job(job: dict) -> None:
                     get_adapter(model).theta_d.uniform_(-0.5, 0.5)
         phase = "construction"
         try:
-            trainer = CpuFsdpTrainer(model, training_args(job, out), train_dataset=Tokens(), unilora_config=config)
+            trainer = CpuFsdpTrainer(model, args, train_dataset=Tokens(), unilora_config=config)
             phase = "training"
             trainer.train(resume_from_checkpoint=job.get("resume"))
         except (ValueError, RuntimeError) as exc:
