@@ -60,8 +60,7 @@ class UniLoraLinear(nn.Module):
         if pair is None:
             s = self.spec
             flat = project_slice(root.unilora_theta_d, root.unilora_adapter.projection, s.offset, s.size)
-            A, B = torch.split(flat.to(device, dtype), [s.r * s.in_features, s.r * s.out_features])
-            pair = A.view(s.r, s.in_features), B.view(s.out_features, s.r)
+            pair = s.lora_views(flat.to(device, dtype))
         return pair
 
     def _frozen_plain_weights(self, base: nn.Module, x: torch.Tensor):

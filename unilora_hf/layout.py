@@ -13,6 +13,7 @@ import hashlib
 import re
 from dataclasses import dataclass
 
+import torch
 import torch.nn as nn
 from transformers.pytorch_utils import Conv1D
 
@@ -37,6 +38,16 @@ class LayerSpec:
     @property
     def size(self) -> int:
         return self.r * (self.in_features + self.out_features)
+
+    @property
+    def split_sizes(self) -> tuple[int, int]:
+        """Entries of A and of B in the layer's slice."""
+        return self.r * self.in_features, self.r * self.out_features
+
+    def lora_views(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) as views of ``flat``, the layer's slice of θ_D (``size`` entries)."""
+        A, B = torch.split(flat, self.split_sizes)
+        return A.view(self.r, self.in_features), B.view(self.out_features, self.r)
 
 
 def in_out_features(module: nn.Module) -> tuple[int, int]:

@@ -70,7 +70,7 @@ class UniLoraAdapter:
         self.enabled = True
         self.base_model_revision = None
         self._slot = {spec.offset: i for i, spec in enumerate(layers)}
-        self._split_sizes = [n for spec in layers for n in (spec.r * spec.in_features, spec.r * spec.out_features)]
+        self._split_sizes = [n for spec in layers for n in spec.split_sizes]
         self._forward_depth = 0
         self._training_pass = False
         self._first_layer: UniLoraLinear | None = None
@@ -158,9 +158,7 @@ class UniLoraAdapter:
 
     def _layer_pair(self, theta_D: torch.Tensor, layer: UniLoraLinear, device) -> tuple[torch.Tensor, torch.Tensor]:
         s = layer.spec
-        n_a = s.r * s.in_features
-        flat = theta_D[s.offset : s.offset + s.size].to(device)
-        return flat[:n_a].view(s.r, s.in_features), flat[n_a:].view(s.out_features, s.r)
+        return s.lora_views(theta_D[s.offset : s.offset + s.size].to(device))
 
     # -- what it holds -------------------------------------------------------------------------
     @property

@@ -21,9 +21,7 @@ def lora_matrices(theta_d: torch.Tensor, projection: Projection, spec: LayerSpec
     """(A, B) of one layer in float32, differentiable with respect to ``theta_d``."""
     theta = theta_d.float()
     idx = projection.indices(spec.offset, spec.size, device=theta.device)
-    flat = theta[idx] * projection.scales_of(idx)
-    n_a = spec.r * spec.in_features
-    return flat[:n_a].view(spec.r, spec.in_features), flat[n_a:].view(spec.out_features, spec.r)
+    return spec.lora_views(theta[idx] * projection.scales_of(idx))
 
 
 def lora_forward(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
