@@ -21,8 +21,8 @@ import os
 from .config import UniLoraConfig
 from .layer import UniLoraLinear
 from .trainer import (
-    UniLoraTrainerMixin, attach, broadcast_theta_from_rank0, quantized_base_accepted, refuse_reentrant_under_ddp,
-    upcast_trainable,
+    UniLoraTrainerMixin, attach, broadcast_theta_from_rank0, quant_method_of_config, quantized_base_accepted,
+    refuse_reentrant_under_ddp, upcast_trainable,
 )
 
 from transformers import set_seed
@@ -39,10 +39,7 @@ except ImportError as exc:  # trl missing or broken
 
 def _is_bnb_config(config) -> bool:
     """True for no quantization config or a bitsandbytes one (a BitsAndBytesConfig or its dict)."""
-    if config is None:
-        return True
-    method = config.get("quant_method") if isinstance(config, dict) else getattr(config, "quant_method", None)
-    return str(getattr(method, "value", method)) == "bitsandbytes"
+    return config is None or quant_method_of_config(config) == "bitsandbytes"
 
 
 class UniLoraSFTMixin(UniLoraTrainerMixin):

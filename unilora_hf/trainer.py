@@ -30,13 +30,20 @@ from .model import UniLoraAdapter, get_adapter, has_adapter, inject_adapter, unw
 from .serialization import read_adapter
 
 
+def quant_method_of_config(config) -> str | None:
+    """The ``quant_method`` of a transformers quantization config (object or dict), as a plain string."""
+    if config is None:
+        return None
+    method = config.get("quant_method") if isinstance(config, dict) else getattr(config, "quant_method", None)
+    return None if method is None else str(getattr(method, "value", method))
+
+
 def _quant_method(model) -> str | None:
     """The quantization method of a transformers model (``"bitsandbytes"``, ...), or None."""
     if not (getattr(model, "is_quantized", False) or getattr(model, "hf_quantizer", None) is not None):
         return None
     config = getattr(getattr(model, "hf_quantizer", None), "quantization_config", None)
-    method = getattr(config, "quant_method", "unknown method")
-    return str(getattr(method, "value", method))
+    return quant_method_of_config(config) or "unknown method"
 
 
 def _refuse_quantized(model) -> None:
