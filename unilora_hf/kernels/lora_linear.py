@@ -9,9 +9,9 @@ B ∈ R^{out×r} already read out of θ_d (in the compute dtype):
 
 The backward is autograd's own (C++) for these ops. Every GEMM runs in the activation dtype with
 float32 accumulation (cuBLAS on CUDA), as a standard ``nn.Linear`` does; A and B are formed once per
-pass in float32 and rounded once to that dtype by the caller. A Python ``autograd.Function`` fusing the
-backward's dx into the base dgrad was measured on the GPU machine: ~0.2 ms of CPU per call made the
-154-layer training step CPU-bound, for one kernel saved (``benchmarks/RESULTS.md``).
+pass in float32 and rounded once to that dtype by the caller. A Python ``autograd.Function`` adding the
+backward's dx into the base dgrad in place saves one kernel per layer and measured no faster on the GPU
+machine (``benchmarks/step_profile.py``, ``benchmarks/RESULTS.md``), so these stay plain autograd ops.
 
 ``frozen_linear_lora`` is the path for an ``nn.Linear`` base whose weight and bias are frozen;
 ``add_lora(result, x, A, B)`` is the general path (any base layer, dropout on the LoRA input):

@@ -1,0 +1,168 @@
+"""Where a training step's time goes on the GPU machine: kernel launches against GPU work.
+
+On the DESIGN section 6 workload (1.1B Llama shape, bf16, batch 4 × 1024, all 7 projections, r = 16,
+d = 2^19), in ONE process:
+
+1. launch costs: host microseconds to enqueue one small aten add, one small aten mm, and one Triton
+   readout through ``unilora_hf.kernels.readout`` (2,000 / 2,000 / 500 launches);
+2. per row (``floor``: frozen base with input grads, no optimizer; ``unilora_hf``; ``unilora_hf_function``:
+   the same adapter with the frozen-linear LoRA path as a Python ``autograd.Function`` that adds the LoRA
+   input gradient into the base dgrad in place), interleaved over ``--rounds`` rounds of ``--steps`` steps:
+   the step time (synchronised), the host time to enqueue a step (before synchronising), and, from one
+   profiled step, the number of CUDA kernels and the GPU busy time (sum of kernel times);
+3. with ``--cprofile``: the top Python functions of 3 ``unilora_hf`` steps by own time.
+
+    PYTHONPATH=. python benchmarks/step_profile.py --out $OUT/step_profile.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+
+class _FunctionLora(torch.autograd.Function):
+    """The alternative measured here: forward as ``lora_linear.frozen_linear_lora``; backward in Python,
+    ``dx = g W`` then ``dx += (g B) A`` in place."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, A, B):
+        x2 = x.reshape(-1, x.shape[-1])
+        y = F.linear(x2, weight, bias)
+        h = x2 @ A.t()
+        y.addmm_(h, B.t())
+        ctx.save_for_backward(x2, weight, A, B, h)
+        ctx.x_shape = x.shape
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        x2, weight, A, B, h = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1])
+        dh = g @ B
+        dx = g @ weight
+        dx.addmm_(dh, A)
+        return dx.view(ctx.x_shape), None, None, dh.t() @ x2, g.t() @ h
+
+
+def launch_costs(device) -> dict:
+    from unilora_hf.kernels import readout
+    from unilora_hf.projection import Projection
+
+    x = torch.randn(16, device=device)
+    P = Projection.build("native", 1, 4096, 64)
+    theta = torch.randn(64, device=device)
+    out = {}
+    for name, fn, n in (("aten_add_us", lambda: torch.add(x, 1.0), 2000),
+                        ("aten_mm_us", lambda: x[None] @ x[:, None], 2000),
+                        ("triton_readout_us", lambda: readout(theta, P), 500)):
+        for _ in range(50):
+            fn()
+        common.sync(device)
+        t = time.perf_counter()
+        for _ in range(n):
+            fn()
+        out[name] = 1e6 * (time.perf_counter() - t) / n
+        common.sync(device)
+    return out
+
+
+def kernels_and_busy(step) -> tuple[int, float]:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    events = [e for e in prof.events() if e.device_type.name == "CUDA"]
+    return len(events), sum(e.device_time for e in events) / 1e3
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True)
+    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--cprofile", action="store_true")
+    a = p.parse_args(argv)
+    from unilora_hf import UniLoraConfig, inject_adapter
+    from unilora_hf.kernels import lora_linear
+
+    device = torch.device("cuda")
+    cfg = common.llama_config("1b", None)
+    ids = common.random_tokens(cfg.vocab_size, 4, 1024, device)
+    record = {"benchmark": "step_profile", "environment": common.environment(device), "launch": launch_costs(device)}
+    floor = common.build_llama(cfg, device, torch.bfloat16, seed=0).train()
+    floor.requires_grad_(False)
+    floor.enable_input_require_grads()
+    model = common.build_llama(cfg, device, torch.bfloat16, seed=0).train()
+    inject_adapter(model, UniLoraConfig(r=16, theta_d_length=2**19, target_modules=common.LLAMA_TARGETS))
+    opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-4)
+    native = lora_linear.frozen_linear_lora
+
+    def step_floor():
+        floor(input_ids=ids, labels=ids).loss.backward()
+
+    def step_ours():
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    rows = {"floor": (step_floor, native), "unilora_hf": (step_ours, native),
+            "unilora_hf_function": (step_ours, lambda x, w, b, A, B, _F=_FunctionLora: _F.apply(x, w, b, A, B))}
+    times = {k: [] for k in rows}
+    enqueue = {k: [] for k in rows}
+    for _ in range(a.rounds):
+        for key, (step, impl) in rows.items():
+            lora_linear.frozen_linear_lora = impl
+            for _ in range(2):
+                step()
+            torch.cuda.synchronize()
+            for _ in range(a.steps):
+                t0 = time.perf_counter()
+                step()
+                t1 = time.perf_counter()
+                torch.cuda.synchronize()
+                times[key].append(1e3 * (time.perf_counter() - t0))
+                enqueue[key].append(1e3 * (t1 - t0))
+    record["rows"] = {}
+    for key, (step, impl) in rows.items():
+        lora_linear.frozen_linear_lora = impl
+        n, busy = kernels_and_busy(step)
+        record["rows"][key] = {"step_ms_median": statistics.median(times[key]), "step_ms_min": min(times[key]),
+                               "enqueue_ms_median": statistics.median(enqueue[key]), "kernels": n, "gpu_busy_ms": busy}
+    lora_linear.frozen_linear_lora = native
+    if a.cprofile:
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(3):
+            step_ours()
+        torch.cuda.synchronize()
+        prof.disable()
+        text = io.StringIO()
+        pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(12)
+        record["cprofile_top"] = text.getvalue()
+        print(record["cprofile_top"])
+    floor_ms = record["rows"]["floor"]["step_ms_median"]
+    print("launch costs (host µs):", {k: round(v, 1) for k, v in record["launch"].items()})
+    print("| row | step ms (median) | step ms (min) | × floor | host enqueue ms | kernels | GPU busy ms |")
+    print("|---|---|---|---|---|---|---|")
+    for key, r in record["rows"].items():
+        print(f"| {key} | {r['step_ms_median']:.1f} | {r['step_ms_min']:.1f} | {r['step_ms_median'] / floor_ms:.3f} "
+              f"| {r['enqueue_ms_median']:.1f} | {r['kernels']} | {r['gpu_busy_ms']:.1f} |")
+    common.write_json(a.out, record)
+    return record
+
+
+if __name__ == "__main__":
+    main()
