@@ -176,3 +176,59 @@ def test_args_seed_sets_theta_d_initial_values(tmp_path):
                                  unilora_config=CFG)
         thetas.append(get_adapter(trainer.model).theta_d.detach().clone())
     assert torch.equal(thetas[0], thetas[1])
+
+
+@pytest.mark.parametrize("base_dtype", [torch.float32, torch.bfloat16])
+def test_bf16_mixed_precision_keeps_trainable_params_in_fp32(tmp_path, base_dtype):
+    model = tiny_bert(num_labels=2).to(base_dtype)
+    trainer = UniLoraTrainer(model, args(tmp_path, num_train_epochs=8, bf16=True), train_dataset=Toy(),
+                             unilora_config=CFG, unilora_learning_rate=5e-2)
+    adapter = get_adapter(model)
+    assert adapter.theta_d.dtype == torch.float32
+    assert model.classifier.modules_to_save.weight.dtype == torch.float32  # upcast from a bf16 base
+    assert model.bert.encoder.layer[0].attention.self.query.base_layer.weight.dtype == base_dtype
+    theta0 = adapter.theta_d.detach().clone()
+    seen = []
+    hook = model.bert.encoder.layer[0].attention.self.query.register_forward_hook(
+        lambda mod, inp, out: seen.append(out.dtype))
+    trainer.train()
+    hook.remove()
+    assert seen and set(seen) == {torch.bfloat16}  # autocast ran the forward in bf16
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4
+    assert adapter.theta_d.dtype == torch.float32 and not torch.equal(adapter.theta_d.detach(), theta0)
+    assert model.classifier.modules_to_save.weight.dtype == torch.float32
+
+
+@pytest.mark.slow
+def test_torch_compile_trains_like_eager(tmp_path):
+    """torch_compile=True with CPU inductor (needs a C++ compiler): the compiled run reaches the eager θ_d.
+
+    The `peft` projection keeps the forward one graph; the native one's cycle-walking loop graph-breaks in
+    every adapted layer, which works as well but compiles for minutes on two cores."""
+    cfg = UniLoraConfig(r=4, theta_d_length=200, projection="peft", target_modules=["query", "value"],
+                        modules_to_save=["classifier"])
+
+    def run(out, compile_):
+        model = tiny_bert(num_labels=2)
+        for module in model.modules():  # compiled and eager dropout draw different masks
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+        torch.manual_seed(0)
+        trainer = UniLoraTrainer(model, args(out, max_steps=3, torch_compile=compile_), train_dataset=Toy(),
+                                 unilora_config=cfg, unilora_learning_rate=5e-2)
+        theta0 = get_adapter(model).theta_d.detach().clone()
+        trainer.train()
+        assert not torch.equal(get_adapter(model).theta_d.detach(), theta0)
+        return trainer, model
+
+    eager, eager_model = run(tmp_path / "eager", False)
+    compiled, compiled_model = run(tmp_path / "compiled", True)
+    assert isinstance(compiled.model_wrapped, torch._dynamo.eval_frame.OptimizedModule)
+    assert compiled.model is compiled_model
+    torch.testing.assert_close(get_adapter(compiled_model).theta_d, get_adapter(eager_model).theta_d,
+                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(compiled_model.classifier.modules_to_save.weight,
+                               eager_model.classifier.modules_to_save.weight, rtol=1e-5, atol=1e-5)
+    compiled.save_model(str(tmp_path / "final"))
+    assert sorted(os.listdir(tmp_path / "final")) == ["adapter_config.json", "adapter_model.safetensors"]
