@@ -49,6 +49,8 @@ class UniLoraAutoModel:
             if auto is None:
                 raise AdapterFormatError(f"the adapter asks for transformers.{auto_name}, which this transformers lacks")
             kwargs = {**files.base_model.get("config_overrides", {}), **model_kwargs}
+            if isinstance(kwargs.get("id2label"), dict):  # JSON keys are strings; transformers wants class ids
+                kwargs["id2label"] = {int(k): v for k, v in kwargs["id2label"].items()}
             if dtype is not None:
                 kwargs["dtype"] = dtype
             if device_map is not None:
