@@ -46,7 +46,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default=str(STORIES), help="base causal LM: a Hub id or a local folder")
     p.add_argument("--data", default=str(GSM8K_TRAIN),
-                   help="training records: GSM8K jsonl ({question, answer}) or Alpaca json ({instruction, input, output})")
+                   help="training records: GSM8K jsonl ({question, answer}) or Alpaca json "
+                        "({instruction, input, output})")
     p.add_argument("--eval-data", default=None,
                    help="held-out records in the same format (default: the GSM8K test sample for GSM8K data, "
                         "else the last --eval-limit records of --data, left out of training)")
@@ -93,8 +94,8 @@ def to_prompt_completion(record: dict) -> dict:
                 "answer": final}
     if "instruction" in record and "output" in record:
         extra = record.get("input") or ""
-        prompt = ALPACA_HEADER.format(with_input=", paired with an input that provides further context" if extra else "",
-                                      instruction=record["instruction"])
+        with_input = ", paired with an input that provides further context" if extra else ""
+        prompt = ALPACA_HEADER.format(with_input=with_input, instruction=record["instruction"])
         if extra:
             prompt += f"### Input:\n{extra}\n\n"
         return {"prompt": prompt + "### Response:\n", "completion": record["output"], "answer": None}
@@ -166,6 +167,8 @@ def main(argv=None) -> dict:
     out = Path(args.output_dir)
     train, held_out = load_data(args)
     print(f"data: {len(train)} training records from {args.data}, {len(held_out)} held out")
+    if args.gsm8k_accuracy and any(r["answer"] is None for r in held_out):
+        raise SystemExit("--gsm8k-accuracy needs GSM8K held-out records ({question, answer} ending in '#### N')")
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     if tokenizer.pad_token is None:  # e.g. stories260K: pad with <unk>, so EOS stays a real, trained token
@@ -222,8 +225,6 @@ def main(argv=None) -> dict:
                          "generation": generate(loaded, tokenizer, [sample_prompt], args.max_new_tokens)[0]}
     if args.gsm8k_accuracy:
         answers = [r["answer"] for r in held_out]
-        if any(a is None for a in answers):
-            raise SystemExit("--gsm8k-accuracy needs GSM8K records ({question, answer} with '#### N')")
         generations = generate(loaded, tokenizer, [r["prompt"] for r in held_out], args.max_new_tokens,
                                args.batch_size)
         with adapter.disabled():

@@ -149,9 +149,9 @@ def test_model_init_kwargs_bf16_base_keeps_trainable_params_in_fp32(tmp_path):
 def test_conversational_data_assistant_only_loss_and_reentrant_checkpointing(tmp_path):
     tok = AutoTokenizer.from_pretrained(STORIES)
     tok.chat_template = CHAT_TEMPLATE
-    data = Dataset.from_list([{"messages": [
-        {"role": "user", "content": f"Where is the {c} ball?"},
-        {"role": "assistant", "content": f"The {c} ball is in the park."}]} for c in ["red", "blue", "big", "small"] * 6])
+    data = Dataset.from_list([{"messages": [{"role": "user", "content": f"Where is the {c} ball?"},
+                                            {"role": "assistant", "content": f"The {c} ball is in the park."}]}
+                              for c in ["red", "blue", "big", "small"] * 6])
     trainer = UniLoraSFTTrainer(
         str(STORIES), sft_args(tmp_path, assistant_only_loss=True, gradient_checkpointing=True,
                                gradient_checkpointing_kwargs={"use_reentrant": True}),
@@ -168,6 +168,51 @@ def test_conversational_data_assistant_only_loss_and_reentrant_checkpointing(tmp
     assert_only_adapter_changed(model, theta0)
 
 
+def test_push_to_hub_uploads_the_adapter_repo_with_our_card(tmp_path, hub_server, hf_cache):
+    from unilora_hf import UniLoraAutoModel
+
+    trainer = UniLoraSFTTrainer(
+        str(STORIES), sft_args(tmp_path, max_steps=2, hub_model_id="alice/stories-sft", hub_token="hf_test_token"),
+        train_dataset=prompt_completion(8), unilora_config=CFG, hub_endpoint=hub_server.url)
+    trainer.train()
+    assert "alice/stories-sft" in trainer.push_to_hub()
+    files = hub_server.repo_files("alice/stories-sft")
+    assert {"unilora_config.json", "unilora_model.safetensors", "README.md"} <= set(files)
+    assert not {"training_args.bin", "tokenizer.json", "model.safetensors"} & set(files)
+    card = files["README.md"].decode()
+    assert "library_name: unilora_hf" in card and "UniLoraAutoModel.from_pretrained" in card
+    assert "pipeline(" not in card  # trl's card would tell users to load the adapter repo as a full model
+    loaded = UniLoraAutoModel.from_pretrained(str(STORIES), "alice/stories-sft", endpoint=hub_server.url,
+                                              token="hf_test_token", cache_dir=str(hf_cache))
+    assert torch.equal(get_adapter(loaded).theta_d.detach(), get_adapter(trainer.model).theta_d.detach())
+
+
+def test_mixin_on_a_subclass_taking_args_and_kwargs(tmp_path):
+    from peft import LoraConfig
+    from trl import SFTTrainer
+
+    from unilora_hf import UniLoraSFTMixin
+
+    class MySFTTrainer(SFTTrainer):
+        def __init__(self, *args, note="", **kwargs):
+            self.note = note
+            super().__init__(*args, **kwargs)
+
+    class Mine(UniLoraSFTMixin, MySFTTrainer):
+        pass
+
+    trainer = Mine(str(STORIES), sft_args(tmp_path, max_steps=2), None, prompt_completion(8), note="hello",
+                   unilora_config=CFG, unilora_learning_rate=3e-2)
+    assert trainer.note == "hello" and type(trainer.model).__name__ == "LlamaForCausalLM"
+    assert trainer.create_optimizer().param_groups[0]["lr"] == 3e-2
+    theta0 = get_adapter(trainer.model).theta_d.detach().clone()
+    trainer.train()
+    assert not torch.equal(get_adapter(trainer.model).theta_d.detach(), theta0)
+    with pytest.raises(ValueError, match="peft_config together with unilora_config"):
+        Mine(str(STORIES), sft_args(tmp_path), train_dataset=prompt_completion(8), unilora_config=CFG,
+             peft_config=LoraConfig(target_modules=["q_proj"]))
+
+
 def test_bad_input(tmp_path):
     from peft import LoraConfig, get_peft_model
 
@@ -176,7 +221,8 @@ def test_bad_input(tmp_path):
         UniLoraSFTTrainer(str(STORIES), args, train_dataset=stories(), unilora_config=CFG,
                           peft_config=LoraConfig(target_modules=["q_proj"]))
     with pytest.raises(ValueError, match="got peft_config: it trains a Uni-LoRA adapter"):
-        UniLoraSFTTrainer(str(STORIES), args, train_dataset=stories(), peft_config=LoraConfig(target_modules=["q_proj"]))
+        UniLoraSFTTrainer(str(STORIES), args, train_dataset=stories(),
+                          peft_config=LoraConfig(target_modules=["q_proj"]))
     peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(STORIES), LoraConfig(target_modules=["q_proj"]))
     with pytest.raises(AdapterStateError, match="PEFT adapter"):
         UniLoraSFTTrainer(peft_model, args, train_dataset=stories(), unilora_config=CFG)

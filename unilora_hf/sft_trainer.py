@@ -67,7 +67,13 @@ class UniLoraSFTMixin(UniLoraTrainerMixin):
     def __init__(self, model, args=None, *pos, unilora_config: UniLoraConfig | None = None,
                  unilora_learning_rate: float | None = None, unilora_weight_decay: float = 0.0,
                  save_processing_class: bool = False, hub_endpoint: str | None = None, **kwargs):
-        bound = inspect.signature(super().__init__).bind(model, args, *pos, **kwargs)
+        # Name every argument as SFTTrainer does, also under a subclass whose __init__ takes (*args, **kwargs);
+        # keywords that only such a subclass knows pass through untouched.
+        signature = inspect.signature(super().__init__)
+        if "peft_config" not in signature.parameters:
+            signature = inspect.signature(SFTTrainer)
+        extras = {k: kwargs.pop(k) for k in list(kwargs) if k not in signature.parameters}
+        bound = signature.bind(model, args, *pos, **kwargs)
         given = bound.arguments
         if given.get("peft_config") is not None:
             both = " together with unilora_config" if unilora_config is not None else ""
@@ -98,7 +104,8 @@ class UniLoraSFTMixin(UniLoraTrainerMixin):
         self._init_unilora(unilora_learning_rate, unilora_weight_decay, save_processing_class, hub_endpoint)
         # As SFTTrainer does: seed before the adapter is created, so θ_d's initial values are reproducible.
         set_seed(args.seed)
-        model_init_kwargs = getattr(args, "model_init_kwargs", None)
+        # model_init_kwargs serve the load below; hidden from SFTTrainer, which would warn that they go unused.
+        model_init_kwargs = getattr(args, "model_init_kwargs", None) if isinstance(model, str) else None
         if isinstance(model, str):
             model = given["model"] = self._load_model(model, args, given)
         attach(model, unilora_config)
@@ -110,21 +117,20 @@ class UniLoraSFTMixin(UniLoraTrainerMixin):
                 "(or list it in modules_to_save to train it in full)."
             )
         upcast_trainable(model, args)
-        if args.gradient_checkpointing:
+        if getattr(args, "activation_checkpointing", False) or getattr(args, "gradient_checkpointing", False):
             # What SFTTrainer does for PEFT models: with frozen embeddings, reentrant checkpointing would
             # otherwise see inputs that need no gradient and drop θ_d's.
             model.enable_input_require_grads()
 
-        # The model is loaded already; keep SFTTrainer from warning that model_init_kwargs go unused.
         if model_init_kwargs is not None:
             args.model_init_kwargs = None
         try:
             with quantized_base_accepted(model):
-                super().__init__(*bound.args, **bound.kwargs)
+                super().__init__(*bound.args, **bound.kwargs, **extras)
         finally:
             if model_init_kwargs is not None:
                 args.model_init_kwargs = model_init_kwargs
-                if self.args is not args:
+                if getattr(self, "args", args) is not args:  # SFTTrainer made an SFTConfig of a TrainingArguments
                     self.args.model_init_kwargs = model_init_kwargs
         refuse_reentrant_under_ddp(self)
         broadcast_theta_from_rank0(self)
