@@ -256,6 +256,7 @@ def run_all(a) -> list[dict]:
     model = resolve_model(a)
     check_coverage(model, data, a.tasks)
     results = out / "glue_quality.jsonl"
+    results.unlink(missing_ok=True)  # the table is this call's runs only
     scratch = Path(tempfile.mkdtemp(prefix="glue_quality_"))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": str(a.threads), "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",

@@ -10,12 +10,13 @@ by repo id through the real huggingface_hub client, and its dev score must equal
     python examples/glue.py --task mrpc --data ../shared/data/glue/MRPC --epochs 20
     python examples/glue.py --projection peft --seed 0               # PEFT-identical projection
 
---method picks what trains, for the quality table of docs (DESIGN section 6), all with the same data,
-batch, schedule (linear, 6 % warm-up, no weight decay), seed and a fresh classifier head trained at
---head-lr: `unilora` (this library's UniLoraTrainer, θ_d at --theta-lr, projection from --projection),
-`peft-unilora` (PEFT's own UniLoRA tuner under a plain Trainer with the same two lr groups: the anchor),
-`lora` (PEFT LoRA on query+value, r = --lora-r, alpha = r (PEFT's default 8 for r = 8, so scale 1),
-lr --lora-lr), `head` (classifier only) and `full` (every weight, body at --full-lr). Every method but
+--method picks what trains, for the project's quality table (benchmarks/glue_quality.py), all with the
+same data, batch, schedule (linear, 6 % warm-up, no weight decay), seed and a fresh classifier head
+trained at --head-lr: `unilora` (this library's UniLoraTrainer, θ_d at --theta-lr, projection from
+--projection), `peft-unilora` (PEFT's own UniLoRA tuner under a plain Trainer with the same two lr
+groups: the anchor), `lora` (PEFT LoRA on query+value, rank --lora-r, alpha = rank, which is PEFT's
+default of 8 at r = 8, so the LoRA scale is 1; lr --lora-lr), `head` (classifier only) and `full`
+(every weight, the body at --full-lr). Every method but
 the default `unilora` run is a measurement: dev score after every epoch, the best one reported, no
 checkpoints and no push (--measure-only gives `unilora` the same treatment).
 
@@ -150,8 +151,9 @@ def parse_args(argv=None):
 class GroupedLrTrainer(Trainer):
     """A plain ``Trainer`` whose AdamW gets explicit parameter groups, each with its own lr.
 
-    The groups are laid out as ``UniLoraTrainer.create_optimizer`` lays out θ_d and the heads, so
-    PEFT's tuner trains under the same optimizer as ours.
+    For PEFT's UniLoRA the groups give every parameter the lr and weight decay (0) that
+    ``UniLoraTrainer.create_optimizer`` gives it: θ_d at the θ_d lr, the head at the head lr; the
+    scheduler scales each group from its own lr, as it does in ours.
     """
 
     def __init__(self, *args, param_groups: list[dict], **kwargs):
