@@ -3,11 +3,14 @@
 On the DESIGN section 6 workload (1.1B Llama shape, bf16, batch 4 × 1024, all 7 projections, r = 16,
 d = 2^19), in ONE process:
 
-1. launch costs: host microseconds to enqueue one small aten add, one small aten mm, and one Triton
-   readout through ``unilora_hf.kernels.readout`` (2,000 / 2,000 / 500 launches);
-2. per row (``floor``: frozen base with input grads, no optimizer; ``unilora_hf``; ``unilora_hf_function``:
-   the same adapter with the frozen-linear LoRA path as a Python ``autograd.Function`` that adds the LoRA
-   input gradient into the base dgrad in place), interleaved over ``--rounds`` rounds of ``--steps`` steps:
+1. launch costs: host microseconds to enqueue one small aten add, one small aten mm, one Triton
+   readout through ``unilora_hf.kernels.readout`` and one Kernel D forward (2,000 / 2,000 / 500 / 2,000
+   launches);
+2. per row (``floor``: frozen base with input grads, no optimizer; ``unilora_hf``: the default path, the
+   adapted linears' forward on Kernel D, their backward on cuBLAS GEMMs; ``unilora_hf_kernel_e``: the
+   backward's dx on Kernel E; ``unilora_hf_pytorch_ops``: the same adapter with the adapted linears
+   in PyTorch ops, ``F.linear`` + ``addmm_`` and autograd's backward), interleaved over ``--rounds``
+   rounds of ``--steps`` steps:
    the step time (synchronised), the host time to enqueue a step (before synchronising), and, from one
    profiled step, the number of CUDA kernels and the GPU busy time (sum of kernel times);
 3. with ``--cprofile``: the top Python functions of 3 ``unilora_hf`` steps by own time.
@@ -29,44 +32,25 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-
-class _FunctionLora(torch.autograd.Function):
-    """The alternative measured here: forward as ``lora_linear.frozen_linear_lora``; backward in Python,
-    ``dx = g W`` then ``dx += (g B) A`` in place."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, A, B):
-        x2 = x.reshape(-1, x.shape[-1])
-        y = F.linear(x2, weight, bias)
-        h = x2 @ A.t()
-        y.addmm_(h, B.t())
-        ctx.save_for_backward(x2, weight, A, B, h)
-        ctx.x_shape = x.shape
-        return y.view(*x.shape[:-1], y.shape[-1])
-
-    @staticmethod
-    def backward(ctx, grad):
-        x2, weight, A, B, h = ctx.saved_tensors
-        g = grad.reshape(-1, grad.shape[-1])
-        dh = g @ B
-        dx = g @ weight
-        dx.addmm_(dh, A)
-        return dx.view(ctx.x_shape), None, None, dh.t() @ x2, g.t() @ h
 
 
 def launch_costs(device) -> dict:
     from unilora_hf.kernels import readout
     from unilora_hf.projection import Projection
 
+    from unilora_hf.kernels import linear_kernels
+
+    lk = linear_kernels.for_device(device)
     x = torch.randn(16, device=device)
+    x2, w2 = torch.randn(16, 16, device=device), torch.randn(16, 16, device=device)
+    A2, B2 = torch.randn(2, 16, device=device), torch.randn(16, 2, device=device)
     P = Projection.build("native", 1, 4096, 64)
     theta = torch.randn(64, device=device)
     out = {}
     for name, fn, n in (("aten_add_us", lambda: torch.add(x, 1.0), 2000),
                         ("aten_mm_us", lambda: x[None] @ x[:, None], 2000),
-                        ("triton_readout_us", lambda: readout(theta, P), 500)):
+                        ("triton_readout_us", lambda: readout(theta, P), 500),
+                        ("triton_fused_linear_us", lambda: lk.forward(x2, w2, None, A2, B2, False), 2000)):
         for _ in range(50):
             fn()
         common.sync(device)
@@ -108,7 +92,7 @@ def main(argv=None) -> dict:
     model = common.build_llama(cfg, device, torch.bfloat16, seed=0).train()
     inject_adapter(model, UniLoraConfig(r=16, theta_d_length=2**19, target_modules=common.LLAMA_TARGETS))
     opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-4)
-    native = lora_linear.frozen_linear_lora
+    fused = lora_linear.fused_kernels
 
     def step_floor():
         floor(input_ids=ids, labels=ids).loss.backward()
@@ -118,13 +102,15 @@ def main(argv=None) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    rows = {"floor": (step_floor, native), "unilora_hf": (step_ours, native),
-            "unilora_hf_function": (step_ours, lambda x, w, b, A, B, _F=_FunctionLora: _F.apply(x, w, b, A, B))}
+    rows = {"floor": (step_floor, fused), "unilora_hf": (step_ours, fused),
+            "unilora_hf_kernel_e": (step_ours, fused),
+            "unilora_hf_pytorch_ops": (step_ours, lambda device: None)}
     times = {k: [] for k in rows}
     enqueue = {k: [] for k in rows}
     for _ in range(a.rounds):
         for key, (step, impl) in rows.items():
-            lora_linear.frozen_linear_lora = impl
+            lora_linear.fused_kernels = impl
+            lora_linear._KERNEL_E = key == "unilora_hf_kernel_e"
             for _ in range(2):
                 step()
             torch.cuda.synchronize()
@@ -137,11 +123,13 @@ def main(argv=None) -> dict:
                 enqueue[key].append(1e3 * (t1 - t0))
     record["rows"] = {}
     for key, (step, impl) in rows.items():
-        lora_linear.frozen_linear_lora = impl
+        lora_linear.fused_kernels = impl
+        lora_linear._KERNEL_E = key == "unilora_hf_kernel_e"
         n, busy = kernels_and_busy(step)
         record["rows"][key] = {"step_ms_median": statistics.median(times[key]), "step_ms_min": min(times[key]),
                                "enqueue_ms_median": statistics.median(enqueue[key]), "kernels": n, "gpu_busy_ms": busy}
-    lora_linear.frozen_linear_lora = native
+    lora_linear.fused_kernels = fused
+    lora_linear._KERNEL_E = False
     if a.cprofile:
         prof = cProfile.Profile()
         prof.enable()

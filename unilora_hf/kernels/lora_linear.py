@@ -1,28 +1,34 @@
-"""The adapted linear layer's compute path, with the LoRA product accumulated into the base output.
+"""The adapted linear layer's compute path, with the LoRA product fused into the base GEMMs.
 
 For x ∈ R^{T×in} (leading dims flattened), a frozen base (W, b), and the layer's A ∈ R^{r×in},
 B ∈ R^{out×r} already read out of θ_d (in the compute dtype):
 
-    forward   h = x Aᵀ                         (T×r)
-              y = x Wᵀ + b,  then y += h Bᵀ    (a GEMM accumulating into y: no separate add pass)
-    backward  dh = g B,  dx = g W + dh A,  dB = gᵀ h,  dA = dhᵀ x   (W and b frozen: no weight gradient)
+    forward   h = x Aᵀ,  y = x Wᵀ + b + h Bᵀ
+    backward  gB = g B,  dx = g W + gB A,  dB = gᵀ h,  dA = gBᵀ x   (W and b frozen: no weight gradient)
 
-The backward is autograd's own (C++) for these ops. Every GEMM runs in the activation dtype with
-float32 accumulation (cuBLAS on CUDA), as a standard ``nn.Linear`` does; A and B are formed once per
-pass in float32 and rounded once to that dtype by the caller. A Python ``autograd.Function`` adding the
-backward's dx into the base dgrad in place saves one kernel per layer and measured no faster on the GPU
-machine (``benchmarks/step_profile.py``, ``benchmarks/RESULTS.md``), so these stay plain autograd ops.
+``frozen_linear_lora`` is the path for an ``nn.Linear`` base whose weight and bias are frozen. On CUDA
+tensors with the ``triton`` backend (``dispatch.resolve_backend``) it is one ``autograd.Function``
+whose forward is one launch of Kernel D (``linear_kernels``: base GEMM, LoRA product and bias in one
+kernel, which also keeps h) and whose backward is ``gB = g B``, ``dx = g W + gB A`` (one GEMM
+accumulating into another) and the two small GEMMs for dA and dB, on cuBLAS. Kernel E (dx and gB in
+one launch) is the alternative backward (``_KERNEL_E``); it measured slower than these GEMMs in a
+training step on an H100, so it is off. Under ``torch.compile`` and on the ``reference`` backend the
+layer is the same maths in PyTorch ops (``y = F.linear(x, W, b); y.addmm_(x Aᵀ, Bᵀ)``, autograd's own
+backward), which the compiler traces. Every product accumulates in float32; h and gB are rounded to
+the activation dtype, as the unfused ops store them.
 
-``frozen_linear_lora`` is the path for an ``nn.Linear`` base whose weight and bias are frozen;
 ``add_lora(result, x, A, B)`` is the general path (any base layer, dropout on the LoRA input):
-``result + (x Aᵀ) Bᵀ`` as one GEMM into a new tensor. These are PyTorch ops (cuBLAS / CPU BLAS), so
-the same code is the CPU path; ``reference.lora_forward`` is the oracle.
+``result + (x Aᵀ) Bᵀ`` as one GEMM into a new tensor. ``reference.lora_forward`` is the oracle of both.
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
+
+from . import dispatch
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
@@ -34,14 +40,77 @@ def _no_autocast(x: torch.Tensor):
     return torch.autocast(x.device.type, enabled=False)
 
 
+_FUSED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_FUSED_MAX_RANK = 128  # linear_kernels.R_MAX (that module needs triton)
+_fused_modules: dict = {}
+# Kernel E for the backward's dx: off, as it measured slower than the cuBLAS GEMMs in a training step on
+# an H100 (benchmarks/step_profile.py, RESULTS.md); the tests run both.
+_KERNEL_E = False
+
+
+def fused_kernels(device: torch.device):
+    """The module of Kernels D/E for tensors on ``device`` when the ``triton`` backend applies to them
+    (CUDA, or CPU under ``TRITON_INTERPRET=1`` with the backend forced), else None. Cached per device,
+    forced backend and environment value: this runs once per layer call."""
+    key = (device, dispatch._forced, os.environ.get(dispatch.ENV_VAR))
+    module = _fused_modules.get(key, False)
+    if module is False:
+        module = None
+        if dispatch.resolve_backend(device) == "triton":
+            from . import linear_kernels
+
+            module = linear_kernels.for_device(device)
+        _fused_modules[key] = module
+    return module
+
+
+class _FusedFrozenLinearLora(torch.autograd.Function):
+    """Kernel D forward, Kernel E backward (``linear_kernels``); differentiable in x, A and B."""
+
+    @staticmethod
+    def forward(ctx, x2, weight, bias, A, B, kernels):
+        need_x, need_A, need_B = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
+        y, h = kernels.forward(x2, weight, bias, A, B, keep_h=need_B)
+        ctx.kernels = kernels
+        ctx.save_for_backward(x2 if need_A else None, h, weight, A, B)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        x2, h, weight, A, B = ctx.saved_tensors
+        need_x, need_A, need_B = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
+        dx = dA = dB = None
+        if need_x and _KERNEL_E:
+            dx, gB = ctx.kernels.dgrad(g, weight, A, B, keep_gb=need_A)
+        elif need_x:
+            gB = g @ B
+            dx = (g @ weight).addmm_(gB, A)
+        elif need_A:
+            gB = g @ B
+        if need_A:
+            dA = gB.t() @ x2
+        if need_B:
+            dB = g.t() @ h
+        return dx, None, None, dA, dB, None
+
+
 def frozen_linear_lora(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor, B: torch.Tensor
 ) -> torch.Tensor:
     """``x Wᵀ + b + (x Aᵀ) Bᵀ`` for a frozen ``nn.Linear`` (W: out×in); x, W, A, B of one dtype.
     Differentiable in x, A and B."""
     x2 = _flat(x)
-    y = F.linear(x2, weight, bias)
-    y.addmm_(x2 @ A.t(), B.t())
+    kernels = None
+    if x.dtype in _FUSED_DTYPES and A.shape[0] <= _FUSED_MAX_RANK and x2.shape[0] and not torch.compiler.is_compiling():
+        kernels = fused_kernels(x.device)
+    if kernels is not None:
+        if torch.is_grad_enabled() and (x.requires_grad or A.requires_grad or B.requires_grad):
+            y = _FusedFrozenLinearLora.apply(x2, weight, bias, A, B, kernels)
+        else:
+            y = kernels.forward(x2, weight, bias, A, B, keep_h=False)[0]
+    else:
+        y = F.linear(x2, weight, bias)
+        y.addmm_(x2 @ A.t(), B.t())
     return y.view(*x.shape[:-1], y.shape[-1])
 
 

@@ -36,8 +36,6 @@ set); for CPU tensors, a twin of this module whose kernels run in Triton's inter
 
 from __future__ import annotations
 
-import importlib.util
-import os
 import sys
 
 import torch
@@ -50,6 +48,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without triton
         'the Triton kernels of unilora_hf need the triton package: pip install "unilora_hf[triton]"'
     ) from exc
 
+from . import triton_modes
 from ..projection import balanced_counts, correctly_rounded_rsqrt, feistel_bits, feistel_keys
 
 READOUT_BLOCK = 1024
@@ -262,56 +261,13 @@ def interpreted() -> bool:
 
 def interpreter_enabled() -> bool:
     """Whether ``TRITON_INTERPRET`` is set to a true value (the opt-in for the CPU path)."""
-    knobs = getattr(triton, "knobs", None)
-    if knobs is not None:
-        return bool(knobs.runtime.interpret)
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
-
-
-_VARIANTS: dict[bool, object] = {}
-
-
-def _variant(interpret: bool):
-    """This module with compiled (``interpret=False``) or interpreted kernels. Triton picks the mode
-    when a function is decorated, and a kernel's callees are looked up in its module's globals, so the
-    other mode is a second instance of this file, executed with the interpreter switch forced."""
-    if interpreted() == interpret:
-        return sys.modules[__name__]
-    if interpret not in _VARIANTS:
-        name = f"{__package__}._projection_kernels_{'interpreted' if interpret else 'compiled'}"
-        spec = importlib.util.spec_from_file_location(name, __file__)
-        module = importlib.util.module_from_spec(spec)
-        knobs = getattr(triton, "knobs", None)
-        saved = os.environ.get("TRITON_INTERPRET")
-        try:
-            if knobs is not None:
-                with knobs.runtime.scope():
-                    knobs.runtime.interpret = interpret
-                    spec.loader.exec_module(module)
-            else:
-                os.environ["TRITON_INTERPRET"] = "1" if interpret else "0"
-                spec.loader.exec_module(module)
-        finally:
-            if saved is None:
-                os.environ.pop("TRITON_INTERPRET", None)
-            else:
-                os.environ["TRITON_INTERPRET"] = saved
-        _VARIANTS[interpret] = module
-    return _VARIANTS[interpret]
+    return triton_modes.interpreter_enabled()
 
 
 def for_device(device: torch.device | str):
     """The kernel module for tensors on ``device``: compiled for CUDA; interpreted for CPU, only when
     ``TRITON_INTERPRET=1`` is set (else RuntimeError)."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return _variant(False)
-    if not interpreter_enabled():
-        raise RuntimeError(
-            f"the Triton kernels need CUDA tensors (got {device}); set TRITON_INTERPRET=1 to run them on "
-            "CPU tensors in Triton's interpreter"
-        )
-    return _variant(True)
+    return triton_modes.for_device(sys.modules[__name__], interpreted(), device)
 
 
 def _check_device(*tensors: torch.Tensor) -> None:

@@ -1,0 +1,174 @@
+"""Kernels D/E (the fused adapted linear) against cuBLAS, per GEMM shape of the DESIGN section 6 workload.
+
+For each adapted projection shape of the 1.1B Llama (M = 4 × 1024 tokens; q/o: 2048→2048, k/v:
+2048→256, gate/up: 2048→5632, down: 5632→2048; r = 16, bf16) and for decode (M = 1), in ONE process:
+
+- ``base``: the frozen layer alone, ``F.linear`` forward and ``g @ W`` input gradient (cuBLAS);
+- ``pytorch_ops``: the LoRA path in PyTorch ops (forward ``F.linear`` + ``x Aᵀ`` + ``addmm_``;
+  backward ``g W``, ``g B``, ``addmm_``, dA, dB: 3 + 5 launches);
+- ``fused`` with each candidate tile (BM, BN, BK, warps, stages): Kernel D forward, Kernel E + the
+  two cuBLAS GEMMs for dA, dB backward (1 + 3 launches).
+
+Per row: GPU milliseconds per forward and per backward (CUDA events over ``--reps`` back-to-back
+calls) and host microseconds to enqueue one forward + backward.
+
+    PYTHONPATH=. python benchmarks/linear_kernels.py --out $OUT/linear_kernels.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+SHAPES = {"q/o": (4096, 2048, 2048), "k/v": (4096, 256, 2048), "gate/up": (4096, 5632, 2048),
+          "down": (4096, 2048, 5632), "decode q": (1, 2048, 2048), "decode down": (1, 2048, 5632)}
+LARGE_TILES = [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (128, 64, 64, 4, 4),
+               (64, 128, 64, 4, 4), (128, 128, 32, 4, 4)]
+SMALL_TILES = [(16, 64, 128, 4, 3), (16, 128, 64, 4, 4), (16, 32, 256, 4, 3), (16, 64, 64, 2, 4)]
+
+
+def gpu_ms(fn, reps: int) -> float:
+    for _ in range(3):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+def host_us(fn, reps: int) -> float:
+    fn()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    elapsed = time.perf_counter() - t
+    torch.cuda.synchronize()
+    return 1e6 * elapsed / reps
+
+
+def launch_breakdown(lk, dev, n: int = 2000) -> dict:
+    """Host µs per call for a 16×16 problem: where a Kernel D launch spends its time."""
+    import triton
+
+    x, W = torch.randn(16, 16, device=dev), torch.randn(16, 16, device=dev)
+    A, B = torch.randn(2, 16, device=dev), torch.randn(16, 2, device=dev)
+    y = torch.empty(16, 16, device=dev)
+    args = (x, W, W, A, B, y, y, 16, 16, 16, 2, *x.stride(), *W.stride(), *A.stride(), *B.stride(), *y.stride(),
+            False, False, "ieee", False, 16, 16, 64, 128, 8)
+    compiled = lk._forward_kernel[(1,)](*args, num_warps=4, num_stages=3)
+    stream = torch._C._cuda_getCurrentRawStream(0)
+    calls = {
+        "torch_empty": lambda: torch.empty((16, 16), device=dev),
+        "aten_linear": lambda: torch.nn.functional.linear(x, W),
+        "pytorch_ops_lora_forward": lambda: torch.nn.functional.linear(x, W).addmm_(x @ A.t(), B.t()),
+        "triton_jit_launch": lambda: lk._forward_kernel[(1,)](*args, num_warps=4, num_stages=3),
+        "triton_compiled_run": lambda: compiled.run(1, 1, 1, stream, compiled.function, compiled.packed_metadata,
+                                                    None, None, None, *args),
+        "kernel_d_forward": lambda: lk.forward(x, W, None, A, B, False),
+    }
+    out = {"triton_version": triton.__version__}
+    for name, fn in calls.items():
+        out[name] = host_us(fn, n)
+    return out
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True)
+    p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--r", type=int, default=16)
+    p.add_argument("--launch-only", action="store_true", help="only the launch-cost breakdown")
+    a = p.parse_args(argv)
+    from unilora_hf.kernels import linear_kernels, lora_linear
+
+    lk = linear_kernels.for_device("cuda")
+    dev, dt = torch.device("cuda"), torch.bfloat16
+    record = {"benchmark": "linear_kernels", "environment": common.environment(dev), "r": a.r, "shapes": {}}
+    record["launch_us"] = launch_breakdown(lk, dev)
+    print("host µs per call:", {k: (round(v, 1) if isinstance(v, float) else v) for k, v in record["launch_us"].items()})
+    if a.launch_only:
+        common.write_json(a.out, record)
+        return record
+    defaults = (lk._SMALL, lk._LARGE)
+    for name, (M, N, K) in SHAPES.items():
+        torch.manual_seed(0)
+        x = torch.randn(M, K, device=dev, dtype=dt, requires_grad=True)
+        W = torch.randn(N, K, device=dev, dtype=dt) * K**-0.5
+        A = (torch.randn(a.r, K, device=dev) * 0.01).to(dt).requires_grad_(True)
+        B = (torch.randn(N, a.r, device=dev) * 0.01).to(dt).requires_grad_(True)
+        g = torch.randn(M, N, device=dev, dtype=dt)
+        rows = {}
+
+        def base_fwd():
+            return F.linear(x, W)
+
+        def base_bwd():
+            return g @ W
+
+        def ops_fwd():
+            y = F.linear(x, W)
+            return y.addmm_(x @ A.t(), B.t())
+
+        y_ops = ops_fwd()
+
+        def ops_bwd():
+            return torch.autograd.grad(y_ops, (x, A, B), g, retain_graph=True)
+
+        rows["base"] = {"fwd_ms": gpu_ms(base_fwd, a.reps), "bwd_ms": gpu_ms(base_bwd, a.reps),
+                        "host_us": host_us(lambda: (base_fwd(), base_bwd()), a.reps)}
+        rows["pytorch_ops"] = {"fwd_ms": gpu_ms(ops_fwd, a.reps), "bwd_ms": gpu_ms(ops_bwd, a.reps),
+                               "host_us": host_us(lambda: torch.autograd.grad(ops_fwd(), (x, A, B), g), a.reps)}
+        want = torch.autograd.grad(y_ops, (x, A, B), g, retain_graph=True)
+        for tiles in (SMALL_TILES if M <= 64 else LARGE_TILES):
+            if M <= 64:
+                lk._SMALL = tiles
+            else:
+                lk._LARGE = tiles
+            lk._FORWARD_PLANS.clear()
+            lk._DGRAD_PLANS.clear()
+            try:
+                y = lora_linear.frozen_linear_lora(x, W, None, A, B)
+                got = torch.autograd.grad(y, (x, A, B), g, retain_graph=True)
+            except Exception as exc:  # a tile that does not fit (shared memory) is reported, not fatal
+                rows[f"fused {tiles}"] = {"error": repr(exc)[:200]}
+                continue
+            err = max(float((u.float() - v.float()).abs().max() / (v.float().abs().max() + 1e-6))
+                      for u, v in zip((y, *got), (y_ops, *want)))
+            rows[f"fused {tiles}"] = {
+                "fwd_ms": gpu_ms(lambda: lk.forward(x.detach(), W, None, A.detach(), B.detach(), True), a.reps),
+                "bwd_ms": gpu_ms(lambda: torch.autograd.grad(y, (x, A, B), g, retain_graph=True), a.reps),
+                "host_us": host_us(lambda: torch.autograd.grad(lora_linear.frozen_linear_lora(x, W, None, A, B),
+                                                               (x, A, B), g), a.reps),
+                "max_rel_err_vs_ops": err,
+            }
+        lk._SMALL, lk._LARGE = defaults
+        lk._FORWARD_PLANS.clear()
+        lk._DGRAD_PLANS.clear()
+        record["shapes"][name] = {"M": M, "N": N, "K": K, "rows": rows}
+        print(f"\n{name}: M={M} N={N} K={K}")
+        print("| row | fwd GPU ms | bwd GPU ms | host µs fwd+bwd | rel err |")
+        print("|---|---|---|---|---|")
+        for key, r in rows.items():
+            if "error" in r:
+                print(f"| {key} | {r['error']} | | | |")
+                continue
+            print(f"| {key} | {r['fwd_ms']:.4f} | {r['bwd_ms']:.4f} | {r['host_us']:.1f} | "
+                  f"{r.get('max_rel_err_vs_ops', 0):.2e} |")
+    common.write_json(a.out, record)
+    return record
+
+
+if __name__ == "__main__":
+    main()
