@@ -5,8 +5,8 @@ its own: θ_d is registered once on the model root, which the layer reaches at c
 ``base_layer(x) + (dropout(x) Aᵀ) Bᵀ`` with (A, B) read out of θ_d through the projection, unless the
 adapter is merged into the base weight or disabled. A and B come from the root's once-per-pass readout
 (`UniLoraAdapter.lora_pair`) in the dtype of the base output, formed in float32 and rounded once; the
-products run in that dtype (``kernels.lora_linear``), folded into the base GEMMs for a frozen
-``nn.Linear``.
+products run in that dtype (``kernels.lora_linear``): for a frozen ``nn.Linear`` on CUDA, one fused
+Triton kernel with the base GEMM.
 """
 
 from __future__ import annotations

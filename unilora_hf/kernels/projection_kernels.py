@@ -1,5 +1,6 @@
 """Triton kernels of the Uni-LoRA projection P (``docs/projection.md``): readout θ_D = P θ_d and the
-θ gradient Pᵀ g. This is the only module of ``unilora_hf`` that imports ``triton``.
+θ gradient Pᵀ g, and the merge kernel (Kernel C). With ``linear_kernels`` and ``triton_modes``, one of the
+modules of ``unilora_hf`` that import ``triton``.
 
 Kernel A, readout: ``out[t] = θ_d[idx(start + t)] · s(idx(start + t))`` for ``t < count``, float32.
     native: π is evaluated per position in the kernel (keys, 4-round Feistel, cycle-walk while any lane
