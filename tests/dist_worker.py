@@ -108,14 +108,14 @@ def run_job(job: dict) -> None:
     rank = int(os.environ.get("RANK", 0))
     out = Path(job["root"]) / job["name"]
     out.mkdir(parents=True, exist_ok=True)
-    real_save_file = serialization.save_file
+    real_write_folder = serialization.write_folder
 
-    def recording_save_file(tensors, path, metadata=None):
+    def recording_write_folder(folder, files, remove=frozenset()):
         with open(out / f"writes_rank{rank}.txt", "a") as f:
-            f.write(f"{path}\n")
-        return real_save_file(tensors, path, metadata=metadata)
+            f.write(f"{folder}\n")
+        return real_write_folder(folder, files, remove)
 
-    serialization.save_file = recording_save_file
+    serialization.write_folder = recording_write_folder
     try:
         from accelerate.state import AcceleratorState
 
@@ -150,7 +150,7 @@ def run_job(job: dict) -> None:
                 (out / f"direct_save_rank{rank}.txt").write_text(str(exc))
         trainer.save_model(str(out / "final"))
     finally:
-        serialization.save_file = real_save_file
+        serialization.write_folder = real_write_folder
 
 
 def main(path: str) -> None:

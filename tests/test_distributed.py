@@ -105,7 +105,7 @@ def test_runs_trained(runs):
 def test_reentrant_checkpointing_under_ddp_is_refused_at_construction(runs):
     for rank in (0, 1):
         text = (runs / "ddp_reentrant" / f"error_rank{rank}.txt").read_text()
-        assert text.startswith("construction: ValueError: reentrant activation checkpointing under DDP")
+        assert text.startswith("construction: InvalidConfigError: reentrant activation checkpointing under DDP")
         assert "ddp_static_graph=True" in text and "'use_reentrant': False" in text
     assert not (runs / "ddp_reentrant" / "final").exists()
 

@@ -94,7 +94,7 @@ def test_activation_checkpointing_gives_the_same_theta_gradient(reentrant):
         model.enable_input_require_grads()
     checkpointed = _theta_grad(model, ids, weights)
     torch.testing.assert_close(checkpointed, plain, rtol=1e-5, atol=1e-6 * plain.abs().max().item())
-    assert adapter._forward_depth == 0 and adapter._theta_D is None and not adapter._pairs
+    assert adapter._forward_depth == 0 and adapter._theta_D is None and not adapter._views
 
 
 def test_conv1d_and_dropout_take_the_general_path():
@@ -111,21 +111,44 @@ def test_conv1d_and_dropout_take_the_general_path():
     torch.testing.assert_close(fast, slow)
 
 
-def test_no_grad_passes_reuse_the_readout_until_theta_changes():
+def test_no_grad_passes_read_theta_out_again_into_the_same_buffer_and_see_every_change():
+    """Inference reads θ_D out at every pass into one kept buffer: any change of θ_d is seen by the next pass,
+    through autograd-visible ops or not (``.data``, ``load_state_dict``), and nothing is reallocated."""
     model = tiny_llama()
     adapter = inject_adapter(model, UniLoraConfig(r=2, theta_d_length=40, target_modules=["q_proj", "v_proj"]))
     ids = tokens(model)
+    fresh = lambda: readout_free_output(model, adapter, ids)  # noqa: E731
     with torch.no_grad():
         first = model(input_ids=ids).logits
-        pairs = adapter._pairs
+        (buffer, views), = adapter._static.values()
         again = model(input_ids=ids).logits
-        assert adapter._pairs is pairs and torch.equal(first, again)
-        adapter.theta_d.mul_(2.0)  # an in-place update bumps θ_d's version: the views are read again
-        changed = model(input_ids=ids).logits
-        assert adapter._pairs is not pairs and not torch.equal(changed, first)
-    out = model(input_ids=ids).logits  # a training pass drops the cached views when it ends
-    assert not adapter._pairs and adapter._theta_D is None
-    torch.testing.assert_close(out.detach(), changed)
+        assert torch.equal(first, again)
+        assert adapter._static[next(iter(adapter._static))][0] is buffer  # the same buffer, read out again
+        for change in (
+            lambda t: t.mul_(2.0),
+            lambda t: t.data.copy_(torch.randn(40)),  # bypasses the version counter
+            lambda t: model.load_state_dict({"unilora_theta_d": torch.randn(40)}, strict=False),
+            lambda t: setattr(t, "data", torch.randn(40)),  # new storage
+        ):
+            before = model(input_ids=ids).logits
+            change(adapter.theta_d)
+            after = model(input_ids=ids).logits
+            assert not torch.equal(after, before)
+            torch.testing.assert_close(after, fresh())
+    out = model(input_ids=ids).logits  # a training pass keeps nothing of size D when it ends
+    assert not adapter._views and adapter._theta_D is None and not adapter._static
+    torch.testing.assert_close(out.detach(), after)
+
+
+def readout_free_output(model, adapter, ids):
+    """The logits with every layer reading its own slice of θ_d (no per-pass readout at all)."""
+    keep = adapter.lora_pair
+    adapter.lora_pair = lambda spec, device, dtype: None
+    try:
+        with torch.no_grad():
+            return model(input_ids=ids).logits
+    finally:
+        adapter.lora_pair = keep
 
 
 def test_bf16_forward_rounds_A_B_once_and_stays_close_to_float32():
@@ -141,7 +164,7 @@ def test_bf16_forward_rounds_A_B_once_and_stays_close_to_float32():
         low = model(input_ids=ids).logits
         _, layer = next(adapter.wrapped_layers())
         A32, B32 = layer.lora_matrices()
-        A16, B16 = adapter._pairs[(A32.device, torch.bfloat16, False)][0]
+        A16, B16 = adapter._static[(A32.device, torch.bfloat16)][1][0]
     assert low.dtype == torch.bfloat16
     assert torch.equal(A16, A32.to(torch.bfloat16)) and torch.equal(B16, B32.to(torch.bfloat16))
     rel = (low.float() - ref).norm() / ref.norm()

@@ -172,19 +172,20 @@ def test_targets_matching_nothing_list_the_linear_modules():
 
 def test_all_linear_leaves_out_the_output_head_and_layers_to_transform_selects():
     model = tiny_llama()
-    adapter = inject_adapter(model, UniLoraConfig(target_modules="all-linear"))
+    adapter = inject_adapter(model, UniLoraConfig(theta_d_length=512, target_modules="all-linear"))
     names = [s.name for s in adapter.layers]
     assert "lm_head" not in names and len(names) == 14
     model = tiny_llama()
-    adapter = inject_adapter(model, UniLoraConfig(target_modules=["q_proj", "v_proj"], layers_to_transform=[1]))
+    adapter = inject_adapter(model, UniLoraConfig(theta_d_length=100, target_modules=["q_proj", "v_proj"],
+                                                  layers_to_transform=[1]))
     assert [s.name for s in adapter.layers] == ["model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]
 
 
 def test_modules_to_save_is_a_trainable_copy_and_bias_modes():
     model = tiny_bert()
     head = model.classifier
-    adapter = inject_adapter(model, UniLoraConfig(target_modules=["query"], modules_to_save=["classifier"],
-                                                  bias="unilora_only"))
+    adapter = inject_adapter(model, UniLoraConfig(theta_d_length=100, target_modules=["query"],
+                                                  modules_to_save=["classifier"], bias="unilora_only"))
     assert model.classifier.original_module is head and model.classifier.weight is not head.weight
     names = set(adapter.trainable_state())
     assert names == {"classifier.weight", "classifier.bias", "bert.encoder.layer.0.attention.self.query.bias",
@@ -194,7 +195,8 @@ def test_modules_to_save_is_a_trainable_copy_and_bias_modes():
     adapter.unload()
     assert model.classifier is head
     with pytest.raises(ValueError, match="modules_to_save"):
-        inject_adapter(tiny_bert(), UniLoraConfig(target_modules=["query"], modules_to_save=["pooler_head"]))
+        inject_adapter(tiny_bert(), UniLoraConfig(theta_d_length=100, target_modules=["query"],
+                                                  modules_to_save=["pooler_head"]))
 
 
 def test_get_adapter_on_a_plain_model_says_how_to_attach_one():

@@ -9,7 +9,7 @@ import yaml
 from huggingface_hub import ModelCard
 from models import output, tiny_bert, tiny_llama, tokens
 
-from unilora_hf import AdapterFormatError, UniLoraAutoModel, UniLoraConfig, inject_adapter, push_adapter
+from unilora_hf import AdapterFormatError, HubPushError, UniLoraAutoModel, UniLoraConfig, inject_adapter, push_adapter
 from unilora_hf.trainer import UniLoraTrainer
 
 TOKEN = "hf_test_token"
@@ -104,7 +104,7 @@ def test_push_faults_are_clear_and_lose_nothing(hub_server):
     with torch.no_grad():
         model.unilora_theta_d.add_(1.0)
     hub_server.fail_next_commits(1)
-    with pytest.raises(RuntimeError, match="Nothing was committed"):
+    with pytest.raises(HubPushError, match="Nothing was committed"):
         push_adapter(model, "alice/faulty", token=TOKEN, endpoint=hub_server.url)
     assert hub_server.repo_files("alice/faulty") == before
     push_adapter(model, "alice/faulty", token=TOKEN, endpoint=hub_server.url)  # the retry succeeds

@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from unilora_hf import (
-    AdapterFormatError, LayoutMismatchError, UniLoraAutoModel, UniLoraConfig, get_adapter, inject_adapter,
+    AdapterFormatError, AdapterIntegrityError, LayoutMismatchError, UniLoraAutoModel, UniLoraConfig, get_adapter, inject_adapter,
     read_adapter,
 )
 
@@ -109,13 +109,31 @@ def test_truncated_and_corrupt_safetensors(saved):
         read_adapter(saved)
 
 
-def test_theta_of_wrong_length_or_dtype(saved):
-    path = saved / "unilora_model.safetensors"
-    save_file({"unilora.theta_d": torch.zeros(49)}, str(path))
+def peft_written(folder, theta, extra=None, **config):
+    """An adapter folder as PEFT itself writes one (no unilora_hf record, so no digest or checksum)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "UNILORA", "r": 2, "theta_d_length": 50, "proj_seed": 0, "target_modules": ["q_proj", "v_proj"],
+        **config}))
+    save_file({"base_model.unilora_theta_d": theta, **(extra or {})}, str(folder / "adapter_model.safetensors"))
+    return folder
+
+
+def test_theta_of_wrong_length_or_dtype(tmp_path):
     with pytest.raises(AdapterFormatError, match=r"shape \(49,\).*theta_d_length = 50"):
-        read_adapter(saved)
-    save_file({"unilora.theta_d": torch.zeros(50, dtype=torch.int32)}, str(path))
+        read_adapter(peft_written(tmp_path / "a", torch.zeros(49)))
     with pytest.raises(AdapterFormatError, match="torch.int32"):
+        read_adapter(peft_written(tmp_path / "b", torch.zeros(50, dtype=torch.int32)))
+    with pytest.raises(AdapterFormatError, match="torch.float64"):  # widening to float32 would round
+        read_adapter(peft_written(tmp_path / "c", torch.zeros(50, dtype=torch.float64)))
+    half = read_adapter(peft_written(tmp_path / "d", torch.linspace(-1, 1, 50).half()))  # as PEFT after model.half()
+    assert half.theta_d.dtype == torch.float32 and torch.equal(half.theta_d, torch.linspace(-1, 1, 50).half().float())
+
+
+def test_edited_weights_are_refused_by_the_checksum(saved):
+    path = saved / "unilora_model.safetensors"
+    save_file({"unilora.theta_d": torch.zeros(50)}, str(path))  # valid safetensors, but not what was saved
+    with pytest.raises(AdapterIntegrityError, match="digest"):
         read_adapter(saved)
 
 
@@ -182,11 +200,12 @@ def test_heads_that_do_not_fit_are_refused(tmp_path):
                                  modules_to_save=["classifier"])).save_adapter(tmp_path)
     with pytest.raises(LayoutMismatchError, match=r"classifier\.(weight|bias).*num_labels"):
         UniLoraAutoModel.from_pretrained(tiny_bert(num_labels=5), tmp_path)
-    tensors = load_file(tmp_path / "unilora_model.safetensors")
-    tensors.pop("model.classifier.bias")
-    save_file(tensors, str(tmp_path / "unilora_model.safetensors"))
+    theta = load_file(tmp_path / "unilora_model.safetensors")["unilora.theta_d"]
+    head = tiny_bert(num_labels=3).classifier.weight.detach()
+    folder = peft_written(tmp_path / "peft", theta[:30].contiguous(), {"base_model.model.classifier.weight": head},
+                          theta_d_length=30, target_modules=["query"], modules_to_save=["classifier"])
     with pytest.raises(AdapterFormatError, match=r"missing \['classifier.bias'\]"):
-        UniLoraAutoModel.from_pretrained(tiny_bert(num_labels=3), tmp_path)
+        UniLoraAutoModel.from_pretrained(tiny_bert(num_labels=3), folder)
 
 
 def test_from_pretrained_passes_dtype_to_the_base_and_keeps_theta_in_float32(tmp_path):

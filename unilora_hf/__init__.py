@@ -6,24 +6,34 @@ fixed, seeded, isometric projection, so an adapter is θ_d plus a seed.
 
 from .auto import UniLoraAutoModel
 from .config import UniLoraConfig
-from .distributed import AdapterState, gather_adapter_state, load_adapter_state
-from .errors import AdapterFormatError, AdapterStateError, LayoutMismatchError, UniLoraError
-from .errors import HubPushError
-from .hub import load_adapter
+from .distributed import gather_adapter_state, load_adapter_state
+from .errors import (
+    AdapterFormatError, AdapterIntegrityError, AdapterStateError, HubAuthError, HubConnectionError, HubError,
+    HubPushError, InvalidConfigError, LayoutMismatchError, UniLoraError, UnsafeAdapterError,
+)
+from .hub import AdapterNotCachedError, AdapterRepoNotFoundError, AdapterRevisionNotFoundError, load_adapter
 from .layer import UniLoraLinear
 from .model import UniLoraAdapter, get_adapter, has_adapter, inject_adapter
 from .peft_export import export_lora
 from .projection import Projection
 from .push import push_adapter
-from .serialization import read_adapter, save_adapter
+from .serialization import AdapterState, read_adapter, save_adapter
 from .trainer import UniLoraTrainer
 from .version import __version__
 
 __all__ = [
     "AdapterFormatError",
+    "AdapterIntegrityError",
+    "AdapterNotCachedError",
+    "AdapterRepoNotFoundError",
+    "AdapterRevisionNotFoundError",
     "AdapterState",
     "AdapterStateError",
+    "HubAuthError",
+    "HubConnectionError",
+    "HubError",
     "HubPushError",
+    "InvalidConfigError",
     "LayoutMismatchError",
     "Projection",
     "UniLoraAdapter",
@@ -32,6 +42,7 @@ __all__ = [
     "UniLoraError",
     "UniLoraLinear",
     "UniLoraTrainer",
+    "UnsafeAdapterError",
     "__version__",
     "export_lora",
     "gather_adapter_state",

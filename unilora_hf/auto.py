@@ -5,15 +5,34 @@ from __future__ import annotations
 import os
 
 import torch.nn as nn
-import transformers
 
 from .errors import AdapterFormatError
 from .hub import resolve_adapter
-from .serialization import apply_adapter, read_adapter
+from .loading import apply_adapter
+from .serialization import AdapterFiles, read_adapter
+
+
+def model_class_for(files: AdapterFiles, base_config) -> type:
+    """The transformers class to build the base with: the task class the adapter records (e.g.
+    AutoModelForSequenceClassification), else the base's own ``architectures[0]`` when transformers has
+    it, else AutoModel. Only classes of the transformers package itself: never remote code."""
+    import transformers
+
+    auto = files.base.auto_class
+    if auto and auto != "AutoModel":
+        cls = getattr(transformers, auto, None)
+        if cls is None:
+            raise AdapterFormatError(f"the adapter asks for transformers.{auto}, which this transformers lacks")
+        return cls
+    for arch in getattr(base_config, "architectures", None) or []:
+        cls = getattr(transformers, arch, None) if isinstance(arch, str) and arch.isidentifier() else None
+        if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
+            return cls
+    return transformers.AutoModel
 
 
 class UniLoraAutoModel:
-    """Loads ``base`` with the right transformers Auto class and attaches the adapter to it."""
+    """Loads ``base`` with the right transformers class and attaches the adapter to it."""
 
     @classmethod
     def from_pretrained(cls, base: str | os.PathLike | nn.Module | None, adapter: str | os.PathLike, *,
@@ -24,13 +43,14 @@ class UniLoraAutoModel:
         """Load ``adapter`` (a folder or Hub repo id at ``revision``) onto ``base``.
 
         ``base`` is a Hub model id, a local folder, an already loaded ``PreTrainedModel``, or None to use
-        the base model recorded in the adapter. The Auto class (causal LM, sequence classification, ...)
-        and classifier settings (``num_labels``, labels) come from the adapter; ``dtype``, ``device_map``
-        and other keyword arguments go to the base's ``from_pretrained``. The projection is rebuilt from
-        the stored seed, the layout is checked against the base, θ_d and the heads are loaded. With
-        ``merge=True`` ΔW is merged into the weights and the wrappers removed (a plain transformers model
-        at the base model's speed); otherwise the adapter stays unmerged (``unilora_hf.get_adapter(model)``
-        merges, unmerges or disables it later). The model is returned in eval mode.
+        the base model recorded in the adapter. The model class is the task class the adapter records, else
+        the base's own ``architectures``; classifier settings (``num_labels``, labels) come from the
+        adapter; ``dtype``, ``device_map`` and other keyword arguments (``trust_remote_code`` included: only
+        yours count, never the adapter's) go to the base's ``from_pretrained``. The adapter is checked
+        completely before the model is changed; θ_d and the heads are loaded. With ``merge=True`` ΔW is
+        merged into the weights and the wrappers removed (a plain transformers model at the base model's
+        speed); otherwise the adapter stays unmerged (``unilora_hf.get_adapter(model)`` merges, unmerges or
+        disables it later). The model is returned in eval mode.
         """
         folder = resolve_adapter(adapter, revision=revision, token=token, cache_dir=cache_dir,
                                  local_files_only=local_files_only, endpoint=endpoint)
@@ -41,23 +61,32 @@ class UniLoraAutoModel:
                 model = model.to(device=device_map if isinstance(device_map, str) and device_map != "auto" else None,
                                  dtype=dtype)
         else:
-            name = base if base is not None else files.base_model.get("name_or_path")
-            if not name:
-                raise AdapterFormatError("the adapter records no base model: pass base= (a model id, folder or model)")
-            auto_name = files.base_model.get("auto_class") or "AutoModel"
-            auto = getattr(transformers, auto_name, None)
-            if auto is None:
-                raise AdapterFormatError(f"the adapter asks for transformers.{auto_name}, which this transformers lacks")
-            kwargs = {**files.base_model.get("config_overrides", {}), **model_kwargs}
-            if isinstance(kwargs.get("id2label"), dict):  # JSON keys are strings; transformers wants class ids
-                kwargs["id2label"] = {int(k): v for k, v in kwargs["id2label"].items()}
-            if dtype is not None:
-                kwargs["dtype"] = dtype
-            if device_map is not None:
-                kwargs["device_map"] = device_map
-            model = auto.from_pretrained(str(name), revision=base_revision, token=token, cache_dir=cache_dir,
-                                         local_files_only=local_files_only, **kwargs)
+            model = cls._load_base(files, base, dtype=dtype, device_map=device_map, token=token, cache_dir=cache_dir,
+                                   local_files_only=local_files_only, base_revision=base_revision, **model_kwargs)
         handle = apply_adapter(model, files)
         if merge:
             model = handle.merge_and_unload()
         return model.eval()
+
+    @staticmethod
+    def _load_base(files: AdapterFiles, base, *, dtype, device_map, token, cache_dir, local_files_only,
+                   base_revision, **model_kwargs) -> nn.Module:
+        from transformers import AutoConfig
+
+        name = base if base is not None else files.base.name_or_path
+        if not name:
+            raise AdapterFormatError("the adapter records no base model: pass base= (a model id, folder or model)")
+        name = str(name)
+        revision = base_revision if base is not None or base_revision else files.base.revision
+        common = dict(revision=revision, token=token, cache_dir=cache_dir, local_files_only=local_files_only,
+                      trust_remote_code=bool(model_kwargs.pop("trust_remote_code", False)))
+        base_config = AutoConfig.from_pretrained(name, **common)
+        model_cls = model_class_for(files, base_config)
+        kwargs = {**files.base.config_overrides, **model_kwargs}
+        if isinstance(kwargs.get("id2label"), dict):  # JSON keys are strings; transformers wants class ids
+            kwargs["id2label"] = {int(k): v for k, v in kwargs["id2label"].items()}
+        if dtype is not None:
+            kwargs["dtype"] = dtype
+        if device_map is not None:
+            kwargs["device_map"] = device_map
+        return model_cls.from_pretrained(name, **common, **kwargs)

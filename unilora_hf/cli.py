@@ -279,4 +279,10 @@ def main(argv: list[str] | None = None) -> int:
         # ValueError covers invalid repo ids and bad settings.
         print(f"{PROG} {args.command}: error: {one_line(exc)}", file=sys.stderr)
         return 1
+    except Exception as exc:  # noqa: BLE001 — anything else is still one line, unless asked for the traceback
+        if args.verbose:
+            raise
+        print(f"{PROG} {args.command}: error: {type(exc).__name__}: {one_line(exc)} (run with --verbose for the "
+              "traceback)", file=sys.stderr)
+        return 1
     return 0

@@ -10,28 +10,12 @@ FSDP1 wrapper around it, or an FSDP2-sharded model.
 from __future__ import annotations
 
 import contextlib
-from typing import NamedTuple
-
 import torch
 import torch.nn as nn
 
-from .model import THETA_NAME, get_adapter, logical_name
+from .model import THETA_NAME, get_adapter, is_dtensor, logical_name
+from .serialization import AdapterState
 
-
-class AdapterState(NamedTuple):
-    """θ_d (float32, shape (d,)) and the other trained tensors under the base model's parameter names,
-    all whole and on the CPU."""
-
-    theta_d: torch.Tensor
-    tensors: dict[str, torch.Tensor]
-
-
-def _is_dtensor(t: torch.Tensor) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch built without distributed support
-        return False
-    return isinstance(t, DTensor)
 
 
 def _fsdp1_units(model: nn.Module) -> list[nn.Module]:
@@ -71,12 +55,16 @@ def gather_adapter_state(model: nn.Module) -> AdapterState:
         whole = {}
         for name, param in _trained(model):
             t = param.detach()
-            t = t.full_tensor() if _is_dtensor(t) else t
+            t = t.full_tensor() if is_dtensor(t) else t
             whole[name] = t.cpu().clone()
     theta = whole.pop(THETA_NAME).float()
     if theta.shape != (adapter.config.theta_d_length,):
         raise RuntimeError(f"gathered θ_d has shape {tuple(theta.shape)}, expected ({adapter.config.theta_d_length},)")
-    return AdapterState(theta, {logical_name(n): t for n, t in whole.items()})
+    tensors = {logical_name(n): t for n, t in whole.items()}
+    for name, buf in adapter.saved_state().items():  # the heads' buffers (not sharded: FSDP shards parameters)
+        if name not in tensors:
+            tensors[name] = buf.detach().cpu().clone()
+    return AdapterState(theta, tensors)
 
 
 def load_adapter_state(model: nn.Module, state: AdapterState) -> None:
@@ -88,9 +76,11 @@ def load_adapter_state(model: nn.Module, state: AdapterState) -> None:
             for name, param in _trained(model):
                 key = name if name == THETA_NAME else logical_name(name)
                 if key not in wanted:
-                    raise KeyError(f"no tensor for the trained parameter {key!r}")
+                    from .errors import AdapterFormatError
+
+                    raise AdapterFormatError(f"the adapter state has no tensor for the trained parameter {key!r}")
                 src = wanted[key].to(param.device, param.dtype)
-                if _is_dtensor(param):
+                if is_dtensor(param):
                     from torch.distributed.tensor import distribute_tensor
 
                     # Every rank has the whole tensor: cut out its own shard, no communication.

@@ -100,9 +100,9 @@ class UniLoraLinear(nn.Module):
 
 class ModulesToSave(nn.Module):
     """A module trained in full: ``modules_to_save`` is a trainable copy, ``original_module`` the frozen
-    original that unloading puts back."""
+    original that runs while the adapter is disabled and that unloading puts back."""
 
-    def __init__(self, module: nn.Module):
+    def __init__(self, module: nn.Module, root: nn.Module | None = None):
         super().__init__()
         import copy
 
@@ -110,8 +110,13 @@ class ModulesToSave(nn.Module):
         self.modules_to_save = copy.deepcopy(module)
         self.original_module.requires_grad_(False)
         self.modules_to_save.requires_grad_(True)
+        self.__dict__["_unilora_root"] = root
 
     def forward(self, *args, **kwargs):
+        root = self.__dict__["_unilora_root"]
+        adapter = None if root is None else root.__dict__.get("unilora_adapter")
+        if adapter is not None and not adapter.enabled:
+            return self.original_module(*args, **kwargs)
         return self.modules_to_save(*args, **kwargs)
 
     def __getattr__(self, name: str):

@@ -5,22 +5,29 @@
 θ_d becomes ONE ``nn.Parameter`` registered on the root as ``unilora_theta_d``; everything else is
 frozen. The model keeps its class (a ``PreTrainedModel`` stays one). The returned `UniLoraAdapter` is
 also reachable as ``model.unilora_adapter`` and through `get_adapter`.
+
+Everything that can be refused is decided first, by `plan_injection`, which reads the model and changes
+nothing; the changes then run as one transaction that is undone if anything fails half way. Unloading
+gives the base back exactly: its modules, its biases (trained biases are kept apart from the base's
+values), its ``requires_grad`` flags, and weights shared with another module (tied embeddings) are
+never written by a merge.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-from typing import Iterator
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
 
 import torch
 import torch.nn as nn
 
 from .config import UniLoraConfig
-from .errors import AdapterStateError
+from .errors import AdapterIntegrityError, AdapterStateError, InvalidArgumentError, InvalidConfigError
 from .layer import ModulesToSave, UniLoraLinear
-from .layout import LayerSpec, build_layout, compact, fingerprint, resolve_targets
-from .projection import Projection
+from .layout import LayerSpec, check_sizes, compact, effective_heads, fingerprint, build_layout, resolve_targets
+from .projection import PEFT, Projection
 
 THETA_NAME = "unilora_theta_d"
 
@@ -53,51 +60,128 @@ def _has_peft_adapter(model: nn.Module) -> bool:
     return any(type(m).__module__.startswith("peft.") for m in model.modules())
 
 
+def is_dtensor(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a DTensor (an FSDP2-sharded parameter)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed support
+        return False
+    return isinstance(t, DTensor)
+
+
 def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     setattr(parent, child, module)
 
 
+def refuse_adapted(model: nn.Module) -> None:
+    """AdapterStateError when ``model`` already carries a Uni-LoRA or PEFT adapter."""
+    if has_adapter(model) or hasattr(model, THETA_NAME):
+        raise AdapterStateError(
+            "this model already has a Uni-LoRA adapter; injecting or loading another would stack two θ_d. Use the "
+            "existing one (unilora_hf.get_adapter(model)), call .unload() first, or start from a fresh base model."
+        )
+    if _has_peft_adapter(model):
+        raise AdapterStateError(
+            "this model already carries a PEFT adapter; Uni-LoRA goes on a plain base model. "
+            "Call model.unload() / merge_and_unload() on the PEFT model first, or start from the base model."
+        )
+
+
+@dataclass
+class InjectionPlan:
+    """What `inject_adapter` will do to a model, decided without changing it.
+
+    ``state``: every tensor the adapter trains besides θ_d, by its logical name (the base model's own
+    parameter or buffer name), mapped to the live tensor it starts from: the heads' parameters and
+    persistent buffers, and the trained biases."""
+
+    config: UniLoraConfig
+    targets: list[tuple[str, nn.Module]]
+    layers: list[LayerSpec]
+    D: int
+    heads: list[str]
+    biases: list[str]
+    state: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def plan_injection(model: nn.Module, config: UniLoraConfig) -> InjectionPlan:
+    """Resolve ``config`` against ``model`` and check every size, reading the model only. Raises
+    InvalidConfigError (targets, sizes, modules_to_save) or AdapterStateError (an adapter is attached)."""
+    if not isinstance(config, UniLoraConfig):
+        raise InvalidArgumentError(f"config must be a UniLoraConfig, got {type(config).__name__}")
+    model = unwrap(model)
+    refuse_adapted(model)
+    targets = resolve_targets(model, config)
+    layers = build_layout(targets, config.r)
+    D = check_sizes(layers, config)
+    heads = effective_heads(model, config, [name for name, _ in targets])
+    inside_head = tuple(h + "." for h in heads)
+    state: dict[str, torch.Tensor] = {}
+    for head in heads:
+        for key, tensor in model.get_submodule(head).state_dict(keep_vars=True).items():
+            state[f"{head}.{key}"] = tensor
+    biases: list[str] = []
+    if config.bias == "all":
+        biases = [n for n, _ in model.named_parameters() if (n == "bias" or n.endswith(".bias"))
+                  and not n.startswith(inside_head) and n not in heads]
+    elif config.bias == "unilora_only":
+        biases = [f"{name}.bias" for name, module in targets if getattr(module, "bias", None) is not None]
+    params = dict(model.named_parameters())
+    for name in biases:
+        state[name] = params[name]
+    return InjectionPlan(config, targets, layers, D, heads, biases, state)
+
+
 class UniLoraAdapter:
     """The adapter on one model: its config, layout, projection and the operations on it."""
 
-    def __init__(self, model: nn.Module, config: UniLoraConfig, layers: list[LayerSpec], projection: Projection):
+    def __init__(self, model: nn.Module, config: UniLoraConfig, layers: list[LayerSpec], projection: Projection,
+                 heads: list[str] | None = None):
         self.model = model
         self.config = config
         self.layers = layers
-        self.projection = projection
+        self._projection = projection
+        self.head_names = list(heads or [])
         self.enabled = True
         self.base_model_revision = None
         self._slot = {spec.offset: i for i, spec in enumerate(layers)}
         self._split_sizes = [n for spec in layers for n in spec.split_sizes]
+        self._bias_originals: dict[str, torch.Tensor] = {}
+        self._requires_grad_before: list[tuple[nn.Parameter, bool]] = []
+        self._tie_configs: list[tuple[object, str]] = []
+        self._first_layer: UniLoraLinear | None = None
+        self._hooks: list = []
         self._forward_depth = 0
         self._training_pass = False
-        self._first_layer: UniLoraLinear | None = None
         self._theta_D: torch.Tensor | None = None
-        self._pairs: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-        self._pairs_version: tuple | None = None
-        self._hooks: list = []
+        self._views: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._static: dict[tuple, tuple[torch.Tensor, list]] = {}
+        self._filled: set[tuple] = set()
 
     # -- θ_D for one forward pass ------------------------------------------------------------------
     # The root's forward pre-hook opens a pass; the first adapted layer to run reads θ_D = P θ_d out
-    # once (one kernel on CUDA), casts it to the activation dtype and splits it into every layer's
-    # (A, B) views; the post-hook drops them (the autograd graph keeps what backward needs, and the
-    # θ_D gradient flows back through one split and one Pᵀ g). Under torch.no_grad the views are kept
-    # between passes (unmerged inference) while θ_d is unchanged. Layers called outside a root pass, or
-    # re-run by activation checkpointing inside backward, read their own slice instead.
+    # once (one kernel on CUDA), in the activation dtype, split into every layer's (A, B) views; the
+    # post-hook closes the pass. With autograd recording a differentiable θ_d, θ_D is a fresh tensor of
+    # the pass (the θ_D gradient flows back through one split and one Pᵀ g), and nothing of size D is
+    # kept after it. Otherwise (inference) θ_D is read out again at every pass into a buffer kept per
+    # (device, dtype), so any change of θ_d, in place or through .data, is seen by the next pass, and a
+    # captured CUDA graph replays the readout too. Layers called outside a root pass, or re-run by
+    # activation checkpointing inside backward, read their own slice instead.
     def _open_pass(self, module, args):
         if self._forward_depth == 0:
-            self._training_pass = torch.is_grad_enabled()
-            if self._training_pass or self._pairs_version != self._theta_version():
-                self._drop_pass_cache()
+            self._training_pass = torch.is_grad_enabled() and self.theta_d.requires_grad
+            self._theta_D = None
+            self._views = {}
+            self._filled = set()
+            if self._training_pass:
+                self._static = {}
         self._forward_depth += 1
         if self._forward_depth == 1 and self._training_pass and self.enabled:
             # Read out now, outside any activation-checkpointed block, in the dtype the layers will ask for.
-            if self._first_layer is None:
-                self._first_layer = next((m for _, m in self.wrapped_layers()), None)
-            layer = self._first_layer if self._first_layer is not None and not self._first_layer.merged else None
-            if layer is not None:
+            layer = self._first_adapted_layer()
+            if layer is not None and not layer.merged:
                 weight = layer.base_layer.weight
                 if torch.is_autocast_enabled(weight.device.type):
                     self.lora_pair(layer.spec, weight.device, torch.get_autocast_dtype(weight.device.type))
@@ -108,17 +192,15 @@ class UniLoraAdapter:
         self._forward_depth = max(0, self._forward_depth - 1)
         if self._forward_depth == 0:
             self._theta_D = None
-            if self._training_pass:
-                self._drop_pass_cache()
+            self._views = {}
+            self._filled = set()
 
     def _drop_pass_cache(self) -> None:
+        """Forget every readout (and free the inference buffers)."""
         self._theta_D = None
-        self._pairs = {}
-        self._pairs_version = None
-
-    def _theta_version(self) -> tuple:
-        theta = self.theta_d
-        return (theta._version, theta.data_ptr(), theta.device)
+        self._views = {}
+        self._static = {}
+        self._filled = set()
 
     def _install_hooks(self) -> None:
         self._hooks = [
@@ -126,29 +208,43 @@ class UniLoraAdapter:
             self.model.register_forward_hook(self._close_pass, always_call=True),
         ]
 
+    def _first_adapted_layer(self) -> UniLoraLinear | None:
+        if self._first_layer is None:
+            self._first_layer = next((m for _, m in self.wrapped_layers()), None)
+        return self._first_layer
+
+    def _split(self, flat: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        parts = torch.split(flat, self._split_sizes)
+        return [(parts[2 * i].view(s.r, s.in_features), parts[2 * i + 1].view(s.out_features, s.r))
+                for i, s in enumerate(self.layers)]
+
     def lora_pair(self, spec: LayerSpec, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(A, B) of the layer with ``spec`` for the current root pass, in ``dtype`` on ``device``
-        (read out in float32, rounded once), or None outside a root pass or inside backward."""
+        """(A, B) of the layer with ``spec`` for the current root pass, in ``dtype`` on ``device`` (read out
+        in float32, rounded once), or None outside a root pass or inside backward."""
         if self._forward_depth == 0 or torch._C._current_graph_task_id() != -1:
             return None
-        grad = torch.is_grad_enabled()
-        key = (device, dtype, grad)
-        pairs = self._pairs.get(key)
-        if pairs is None:
-            from .kernels import project_theta
+        key = (device, dtype)
+        theta = self.theta_d
+        if torch.is_grad_enabled() and theta.requires_grad:
+            views = self._views.get(key)
+            if views is None:
+                if self._theta_D is None:
+                    from .kernels import project_theta
 
-            theta_D = self._theta_D
-            if theta_D is None or (grad and theta_D.grad_fn is None and self.theta_d.requires_grad):
-                theta_D = self._theta_D = project_theta(self.theta_d, self.projection)
-            if not grad:
-                self._pairs_version = self._theta_version()
-            parts = torch.split(theta_D.to(device=device, dtype=dtype), self._split_sizes)
-            pairs = [
-                (parts[2 * i].view(s.r, s.in_features), parts[2 * i + 1].view(s.out_features, s.r))
-                for i, s in enumerate(self.layers)
-            ]
-            self._pairs[key] = pairs
-        return pairs[self._slot[spec.offset]]
+                    self._theta_D = project_theta(theta, self.projection)
+                views = self._views[key] = self._split(self._theta_D.to(device=device, dtype=dtype))
+            return views[self._slot[spec.offset]]
+        entry = self._static.get(key)
+        if entry is None:
+            buffer = torch.empty(self.D, device=device, dtype=dtype)
+            entry = self._static[key] = (buffer, self._split(buffer))
+        if key not in self._filled:
+            from .kernels import readout
+
+            with torch.no_grad():
+                entry[0].copy_(readout(theta.detach(), self.projection))
+            self._filled.add(key)
+        return entry[1][self._slot[spec.offset]]
 
     def _theta_D_now(self) -> torch.Tensor:
         """θ_D in float32, not differentiable (for merging)."""
@@ -166,8 +262,18 @@ class UniLoraAdapter:
         return getattr(self.model, THETA_NAME)
 
     @property
+    def projection(self) -> Projection:
+        """The projection as the layers apply it: for the ``peft`` kind on a bf16/fp16 base, with PEFT's
+        scales rounded to that dtype (`Projection.with_scale_dtype`)."""
+        if self._projection.kind != PEFT:
+            return self._projection
+        layer = self._first_adapted_layer()
+        weight = None if layer is None else layer.base_layer.weight
+        return self._projection.with_scale_dtype(None if weight is None else weight.dtype)
+
+    @property
     def D(self) -> int:
-        return self.projection.D
+        return self._projection.D
 
     @property
     def fingerprint(self) -> str:
@@ -191,27 +297,73 @@ class UniLoraAdapter:
                 out[logical_name(name)] = param
         return out
 
+    def saved_state(self) -> dict[str, torch.Tensor]:
+        """What an adapter file holds besides θ_d: `trainable_state` plus the heads' persistent buffers."""
+        out = self.trainable_state()
+        for head in self.head_names:
+            module = self.model.get_submodule(head)
+            copy = module.modules_to_save if isinstance(module, ModulesToSave) else module
+            for key, buf in copy.state_dict(keep_vars=True).items():
+                out.setdefault(f"{head}.{key}", buf)
+        return out
+
+    def live_state(self):
+        """θ_d and `saved_state` as an `AdapterState` (the whole tensors: refuses FSDP-sharded ones)."""
+        from .serialization import AdapterState
+
+        theta = self.theta_d
+        if is_dtensor(theta) or theta.numel() != self.config.theta_d_length:
+            raise AdapterStateError(
+                f"θ_d is sharded by FSDP (this rank holds {theta.numel() if not is_dtensor(theta) else 'a DTensor'} "
+                f"of its {self.config.theta_d_length} values). Call state = unilora_hf.gather_adapter_state(model) on "
+                "every rank, then save_adapter(..., state=state) on rank 0 (UniLoraTrainer.save_model does this)."
+            )
+        return AdapterState(theta, self.saved_state())
+
     def num_trainable(self) -> int:
         return self.config.theta_d_length + sum(p.numel() for p in self.trainable_state().values())
 
     # -- switching the adapter on and off ------------------------------------------------------------
+    def _swap_biases(self) -> None:
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, original in self._bias_originals.items():
+                live = params[_live_name(self.model, name)]
+                kept = live.detach().clone()
+                live.copy_(original)
+                original.copy_(kept)
+
     @contextlib.contextmanager
     def disabled(self):
-        """Run the base model alone inside this context (an unmerged adapter only)."""
+        """Run the base model alone inside this context: no LoRA product, the original heads, the base's own
+        biases (an unmerged adapter only)."""
         if any(m.merged for _, m in self.wrapped_layers()):
             raise AdapterStateError("the adapter is merged into the weights; unmerge() before disabling it")
+        if not self.enabled:
+            yield
+            return
         self.enabled = False
+        self._swap_biases()
         try:
             yield
         finally:
+            self._swap_biases()
             self.enabled = True
+
+    def _shared_weights(self) -> dict[int, list[str]]:
+        users: dict[int, list[str]] = {}
+        for name, param in self.model.named_parameters(remove_duplicate=False):
+            users.setdefault(id(param), []).append(name)
+        return users
 
     def merge(self, safe_merge: bool = True) -> None:
         """Add ΔW = B A into every adapted base weight (computed in float32, rounded once to the weight's
-        dtype). Refuses a θ_d with NaN/inf before touching any weight."""
+        dtype). Refuses a θ_d with NaN/inf before touching any weight. A weight that another module shares
+        (an output head tied to the input embeddings) is not written: the layer gets its own merged copy,
+        and `unmerge` gives the shared one back."""
         if not torch.isfinite(self.theta_d.detach()).all():
             bad = (~torch.isfinite(self.theta_d.detach())).sum().item()
-            raise ValueError(
+            raise AdapterIntegrityError(
                 f"θ_d holds {bad} NaN/inf value(s): merging would break the weights. Nothing was changed; "
                 "load a healthy adapter (or checkpoint) and merge again."
             )
@@ -224,6 +376,8 @@ class UniLoraAdapter:
                     "it. Run the adapter unmerged, or load the base in bf16/fp16 to merge."
                 )
         theta_D = self._theta_D_now()
+        shared = self._shared_weights()
+        merged_now: list[UniLoraLinear] = []
         with torch.no_grad():
             for name, layer in self.wrapped_layers():
                 if layer.merged:
@@ -231,49 +385,87 @@ class UniLoraAdapter:
                 weight = layer.base_layer.weight
                 A, B = self._layer_pair(theta_D, layer, weight.device)
                 fifo = layer.spec.fan_in_fan_out
-                if safe_merge:
+                tied = len(shared.get(id(weight), ())) > 1
+                if safe_merge or tied:
                     merged = merge_delta_(weight, A, B, fan_in_fan_out=fifo, out=torch.empty_like(weight))
                     if not torch.isfinite(merged).all():
-                        raise ValueError(f"merging into {name!r} gives NaN/inf weights; nothing was changed there")
-                    weight.data.copy_(merged)
+                        for done in merged_now:
+                            self._unmerge_layer(theta_D, done)
+                        raise AdapterIntegrityError(f"merging into {name!r} gives NaN/inf weights; nothing was changed")
+                    if tied:
+                        layer.__dict__["_shared_weight"] = weight
+                        layer.base_layer.weight = nn.Parameter(merged, requires_grad=weight.requires_grad)
+                    else:
+                        weight.data.copy_(merged)
                 else:
                     merge_delta_(weight.data, A, B, fan_in_fan_out=fifo)
                 layer.merged = True
+                merged_now.append(layer)
 
-    def unmerge(self) -> None:
-        """Subtract ΔW again (exact up to the rounding of the weight's dtype)."""
+    def _unmerge_layer(self, theta_D: torch.Tensor, layer: UniLoraLinear) -> None:
         from .kernels import merge_delta_
 
+        shared = layer.__dict__.pop("_shared_weight", None)
+        if shared is not None:
+            layer.base_layer.weight = shared
+        else:
+            weight = layer.base_layer.weight
+            A, B = self._layer_pair(theta_D, layer, weight.device)
+            merge_delta_(weight.data, A, B, sign=-1.0, fan_in_fan_out=layer.spec.fan_in_fan_out)
+        layer.merged = False
+
+    def unmerge(self) -> None:
+        """Subtract ΔW again (exact up to the rounding of the weight's dtype; a shared weight comes back
+        exactly, as it was never written)."""
         if not any(layer.merged for _, layer in self.wrapped_layers()):
             return
         theta_D = self._theta_D_now()
         for _, layer in self.wrapped_layers():
             if layer.merged:
-                weight = layer.base_layer.weight
-                A, B = self._layer_pair(theta_D, layer, weight.device)
-                merge_delta_(weight.data, A, B, sign=-1.0, fan_in_fan_out=layer.spec.fan_in_fan_out)
-                layer.merged = False
+                self._unmerge_layer(theta_D, layer)
 
     def unload(self, merge: bool = False) -> nn.Module:
-        """Remove the adapter: put the original modules back (with ΔW merged in if ``merge``), keep the
-        trained head copies in place when merging and the originals otherwise, drop θ_d."""
+        """Remove the adapter and return the model. Without ``merge``: the original modules, biases and
+        ``requires_grad`` flags come back exactly. With ``merge``: ΔW stays in the weights, the trained heads
+        and biases stay in place (a weight that was tied to another module stays untied, and the config no
+        longer asks to tie them)."""
+        if not self.enabled:
+            raise AdapterStateError("unload() inside the disabled() block: leave the block first")
         if merge:
             self.merge()
         else:
             self.unmerge()
-        for name, module in list(self.model.named_modules()):
+        model = self.model
+        untied = []
+        for name, module in list(model.named_modules()):
             if isinstance(module, UniLoraLinear):
-                _set_submodule(self.model, name, module.base_layer)
+                if module.__dict__.pop("_shared_weight", None) is not None:
+                    untied.append(name)
+                _set_submodule(model, name, module.base_layer)
             elif isinstance(module, ModulesToSave):
                 kept = module.modules_to_save if merge else module.original_module
-                _set_submodule(self.model, name, kept)
+                _set_submodule(model, name, kept)
+        if not merge:
+            params = dict(model.named_parameters())
+            with torch.no_grad():
+                for bias_name, original in self._bias_originals.items():
+                    params[bias_name].copy_(original)
+        self._detach(restore_flags=True)
+        if untied:
+            _untie_config(model)
+        return model
+
+    def _detach(self, restore_flags: bool) -> None:
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
         self._drop_pass_cache()
-        delattr(self.model, THETA_NAME)
-        del self.model.__dict__["unilora_adapter"]
-        return self.model
+        if THETA_NAME in self.model._parameters:
+            delattr(self.model, THETA_NAME)
+        self.model.__dict__.pop("unilora_adapter", None)
+        if restore_flags:
+            for param, flag in self._requires_grad_before:
+                param.requires_grad_(flag)
 
     def merge_and_unload(self) -> nn.Module:
         return self.unload(merge=True)
@@ -291,6 +483,14 @@ class UniLoraAdapter:
             return {name: tuple(t.detach() for t in layer.lora_matrices()) for name, layer in self.wrapped_layers()}
 
 
+def _untie_config(model: nn.Module) -> None:
+    """After a merge gave a tied output head its own weight: the config must not tie them again on save/load."""
+    config = getattr(model, "config", None)
+    for cfg in (config, getattr(config, "get_text_config", lambda: None)()):
+        if cfg is not None and getattr(cfg, "tie_word_embeddings", False):
+            cfg.tie_word_embeddings = False
+
+
 WRAPPER_SEGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
 
 
@@ -302,66 +502,86 @@ def logical_name(param_name: str) -> str:
     return param_name.replace(".base_layer.", ".").replace(".modules_to_save.", ".")
 
 
-def inject_adapter(model: nn.Module, config: UniLoraConfig, theta_d: torch.Tensor | None = None) -> UniLoraAdapter:
+def _live_name(model: nn.Module, logical: str) -> str:
+    """The live parameter name of a trained bias given by its logical name (inside a wrapper or not)."""
+    module_name, _, leaf = logical.rpartition(".")
+    if module_name:
+        module = model.get_submodule(module_name)
+        if isinstance(module, UniLoraLinear):
+            return f"{module_name}.base_layer.{leaf}"
+    return logical
+
+
+class _Undo:
+    """Undo steps of a half-done injection, run in reverse order."""
+
+    def __init__(self):
+        self.steps: list[Callable[[], None]] = []
+
+    def add(self, step: Callable[[], None]) -> None:
+        self.steps.append(step)
+
+    def run(self) -> None:
+        for step in reversed(self.steps):
+            with contextlib.suppress(Exception):
+                step()
+
+
+def inject_adapter(model: nn.Module, config: UniLoraConfig, theta_d: torch.Tensor | None = None, *,
+                   plan: InjectionPlan | None = None) -> UniLoraAdapter:
     """Attach a Uni-LoRA adapter to ``model`` in place and return its handle.
 
     θ_d starts uniform in [-init_theta_d_bound, init_theta_d_bound] (drawn from torch's global RNG, as
-    PEFT does), or is ``theta_d`` when given. Raises ValueError for targets that match nothing and
-    AdapterStateError for a model that already carries a Uni-LoRA or PEFT adapter.
+    PEFT does), or is ``theta_d`` when given. Everything is checked before the model is changed
+    (`plan_injection`: InvalidConfigError for targets that match nothing or sizes out of bounds,
+    AdapterStateError for a model that already carries an adapter); if anything fails while the model
+    is being changed, every change is undone.
     """
     if not isinstance(config, UniLoraConfig):
-        raise TypeError(f"config must be a UniLoraConfig, got {type(config).__name__}")
+        raise InvalidArgumentError(f"config must be a UniLoraConfig, got {type(config).__name__}")
     model = unwrap(model)
-    if has_adapter(model) or hasattr(model, THETA_NAME):
-        raise AdapterStateError(
-            "this model already has a Uni-LoRA adapter; injecting twice would stack two θ_d. "
-            "Use the existing one (unilora_hf.get_adapter(model)) or call .unload() first."
-        )
-    if _has_peft_adapter(model):
-        raise AdapterStateError(
-            "this model already carries a PEFT adapter; Uni-LoRA goes on a plain base model. "
-            "Call model.unload() / merge_and_unload() on the PEFT model first, or start from the base model."
-        )
-    targets = resolve_targets(model, config)
-    layers = build_layout(targets, config.r)
-    D = layers[-1].offset + layers[-1].size
-    projection = Projection.build(config.projection, config.proj_seed, D, config.theta_d_length)
-
-    model.requires_grad_(False)
-    first_weight = targets[0][1].weight
+    plan = plan if plan is not None else plan_injection(model, config)
     if theta_d is None:
         theta_d = torch.empty(config.theta_d_length, dtype=torch.float32)
         torch.nn.init.uniform_(theta_d, -config.init_theta_d_bound, config.init_theta_d_bound)
     elif tuple(theta_d.shape) != (config.theta_d_length,):
-        raise ValueError(f"theta_d has shape {tuple(theta_d.shape)}; expected ({config.theta_d_length},)")
+        raise InvalidConfigError(f"theta_d has shape {tuple(theta_d.shape)}; expected ({config.theta_d_length},)")
+    projection = Projection.build(config.projection, config.proj_seed, plan.D, config.theta_d_length)
+    first_weight = plan.targets[0][1].weight
     device = first_weight.device if first_weight.device.type != "meta" else torch.device("cpu")
-    model.register_parameter(THETA_NAME, nn.Parameter(theta_d.detach().to(device, torch.float32).clone()))
 
-    adapter = UniLoraAdapter(model, config, layers, projection)
-    model.__dict__["unilora_adapter"] = adapter
-    adapter._install_hooks()
-    for (name, module), spec in zip(targets, layers):
-        _set_submodule(model, name, UniLoraLinear(module, spec, model, config.unilora_dropout))
-    heads: list[str] = []
-    for name, _ in model.named_modules():
-        if name and config.modules_to_save and any(name == m or name.endswith("." + m) for m in config.modules_to_save):
-            if not any(name.startswith(h + ".") for h in heads):
-                heads.append(name)
-    if config.modules_to_save and not heads:
-        adapter.unload()
-        raise ValueError(
-            f"modules_to_save={config.modules_to_save!r} matched no module of {type(model).__name__}; "
-            f"its top-level modules are {[n for n, _ in model.named_children()]}"
-        )
-    for name in heads:
-        _set_submodule(model, name, ModulesToSave(model.get_submodule(name)))
-    if config.bias == "all":
-        for name, param in model.named_parameters():
-            if (name.endswith(".bias") or name == "bias") and ".original_module." not in name:
-                param.requires_grad_(True)
-    elif config.bias == "unilora_only":
-        for _, layer in adapter.wrapped_layers():
-            if layer.base_layer.bias is not None:
-                layer.base_layer.bias.requires_grad_(True)
-    getattr(model, THETA_NAME).requires_grad_(True)
+    undo = _Undo()
+    flags = []
+    seen: set[int] = set()
+    for param in model.parameters():
+        if id(param) not in seen:
+            seen.add(id(param))
+            flags.append((param, param.requires_grad))
+    try:
+        undo.add(lambda: [p.requires_grad_(f) for p, f in flags])
+        model.requires_grad_(False)
+        model.register_parameter(THETA_NAME, nn.Parameter(theta_d.detach().to(device, torch.float32).clone()))
+        undo.add(lambda: delattr(model, THETA_NAME))
+        adapter = UniLoraAdapter(model, config, plan.layers, projection, plan.heads)
+        adapter._requires_grad_before = flags
+        model.__dict__["unilora_adapter"] = adapter
+        undo.add(lambda: model.__dict__.pop("unilora_adapter", None))
+        adapter._install_hooks()
+        undo.add(lambda: [h.remove() for h in adapter._hooks])
+        for (name, module), spec in zip(plan.targets, plan.layers):
+            _set_submodule(model, name, UniLoraLinear(module, spec, model, config.unilora_dropout))
+            undo.add(lambda name=name, module=module: _set_submodule(model, name, module))
+        for name in plan.heads:
+            original = model.get_submodule(name)
+            _set_submodule(model, name, ModulesToSave(original, model))
+            undo.add(lambda name=name, original=original: _set_submodule(model, name, original))
+        params = dict(model.named_parameters())
+        for name in plan.biases:
+            param = params[_live_name(model, name)]
+            adapter._bias_originals[name] = param.detach().clone()
+            param.requires_grad_(True)
+        getattr(model, THETA_NAME).requires_grad_(True)
+    except BaseException:
+        undo.run()
+        raise
     return adapter

@@ -3,7 +3,9 @@
 Uni-LoRA's layer output is ``base(x) + B A x``; a LoRA adapter with the materialised A and B, ``lora_alpha
 = r`` (so PEFT's scaling alpha/r is 1) and the same targets computes exactly that, so every serving
 engine that loads PEFT LoRA adapters can serve a Uni-LoRA adapter. The export costs r·(in+out) floats per
-layer instead of θ_d's d.
+layer instead of θ_d's d. The config is PEFT 0.21.2's ``LoraConfig``: ``task_type`` as the adapter's
+(None when it has none, as PEFT writes it), ``bias`` ``"unilora_only"`` as LoRA's ``"lora_only"``, trained
+biases under PEFT's own keys (``<layer>.base_layer.bias`` for an adapted layer).
 """
 
 from __future__ import annotations
@@ -13,10 +15,14 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from .model import UniLoraAdapter, get_adapter
-from .serialization import AUTO_CLASS_TO_PEFT_TASK, PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, adapter_metadata
+from .serialization import (
+    PEFT_CONFIG_NAME, PEFT_PREFIX, PEFT_WEIGHTS_NAME, files_to_replace, _safetensors_bytes, adapter_metadata,
+    peft_tensor_name, write_folder,
+)
+
+BIAS_TO_LORA = {"none": "none", "all": "all", "unilora_only": "lora_only"}
 
 
 def _lora_targets(adapter: UniLoraAdapter) -> list[str]:
@@ -30,19 +36,20 @@ def _lora_targets(adapter: UniLoraAdapter) -> list[str]:
 
 def export_lora(model_or_adapter, save_directory: str | os.PathLike, dtype: torch.dtype = torch.float32) -> list[str]:
     """Write a PEFT LoRA adapter (``adapter_config.json`` + ``adapter_model.safetensors``) equal in output
-    to the Uni-LoRA adapter on ``model_or_adapter``; returns the paths written."""
+    to the Uni-LoRA adapter on ``model_or_adapter``; returns the paths written (atomically, as `save_adapter`)."""
     adapter = model_or_adapter if isinstance(model_or_adapter, UniLoraAdapter) else get_adapter(model_or_adapter)
     meta = adapter_metadata(adapter)
+    adapted = {spec.name for spec in adapter.layers}
     tensors = {}
     for name, (A, B) in adapter.lora_weights().items():
-        tensors[f"base_model.model.{name}.lora_A.weight"] = A.to(dtype).cpu().contiguous()
-        tensors[f"base_model.model.{name}.lora_B.weight"] = B.to(dtype).cpu().contiguous()
-    for name, param in adapter.trainable_state().items():
-        tensors[f"base_model.model.{name}"] = param.detach().cpu().contiguous()
+        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = A.to(dtype).cpu().contiguous()
+        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = B.to(dtype).cpu().contiguous()
+    for name, tensor in adapter.live_state().tensors.items():
+        tensors[peft_tensor_name(name, adapted)] = tensor.detach().cpu().contiguous()
     cfg = adapter.config
     config = {
         "peft_type": "LORA",
-        "task_type": AUTO_CLASS_TO_PEFT_TASK.get(meta["base_model"]["auto_class"]),
+        "task_type": cfg.task_type,
         "base_model_name_or_path": meta["base_model"]["name_or_path"],
         "revision": meta["base_model"]["revision"],
         "r": cfg.r,
@@ -50,7 +57,7 @@ def export_lora(model_or_adapter, save_directory: str | os.PathLike, dtype: torc
         "lora_dropout": cfg.unilora_dropout,
         "target_modules": _lora_targets(adapter),
         "modules_to_save": cfg.modules_to_save,
-        "bias": cfg.bias,
+        "bias": BIAS_TO_LORA[cfg.bias],
         "fan_in_fan_out": any(s.fan_in_fan_out for s in adapter.layers),
         "init_lora_weights": True,
         "use_rslora": False,
@@ -58,8 +65,12 @@ def export_lora(model_or_adapter, save_directory: str | os.PathLike, dtype: torc
         "inference_mode": True,
     }
     out = Path(save_directory)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out / PEFT_WEIGHTS_NAME), metadata={"format": "pt", "unilora_hf_source": json.dumps(
-        {"projection_spec": meta["projection_spec"], "fingerprint": meta["layout"]["fingerprint"]})})
-    (out / PEFT_CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    replaced = files_to_replace(out, "export")
+    source = json.dumps({"projection_spec": meta["projection_spec"], "fingerprint": meta["layout"]["fingerprint"]})
+    files = {
+        PEFT_CONFIG_NAME: (json.dumps(config, indent=2, sort_keys=True) + "\n").encode(),
+        PEFT_WEIGHTS_NAME: _safetensors_bytes(tensors, {"format": "pt", "unilora_hf_source": source,
+                                                        "unilora_hf.version": meta["library_version"]}),
+    }
+    write_folder(out, files, remove=replaced)
     return [str(out / PEFT_CONFIG_NAME), str(out / PEFT_WEIGHTS_NAME)]

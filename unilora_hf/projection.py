@@ -28,7 +28,7 @@ CUDA), numpy and Triton give identical bits.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -125,6 +125,7 @@ class Projection:
     _peft_table: torch.Tensor | None = field(default=None, repr=False, compare=False)
     _peft_scales: torch.Tensor | None = field(default=None, repr=False, compare=False)
     _device_cache: dict = field(default_factory=dict, repr=False, compare=False)
+    scale_dtype: torch.dtype | None = None
 
     @classmethod
     def build(cls, kind: str, seed: int, D: int, d: int) -> "Projection":
@@ -134,8 +135,8 @@ class Projection:
             raise ValueError(f"D = {D} is out of range: the adapted layers hold between 1 and 2^62 LoRA parameters")
         if d <= 0:
             raise ValueError(f"d (theta_d_length) = {d} must be positive")
-        if not 0 <= seed < 2**63:
-            raise ValueError(f"proj_seed = {seed} must lie in [0, 2^63)")
+        if not 0 <= seed < (2**64 if kind == NATIVE else 2**256):
+            raise ValueError(f"proj_seed = {seed} is out of range for the {kind} projection")
         if kind == PEFT:
             table = peft_generate_index(D, d, seed)
             counts = torch.bincount(table, minlength=d)
@@ -169,11 +170,30 @@ class Projection:
             return 0
         return self._peft_table.numel() * 4 + self._peft_scales.numel() * 4
 
+    def with_scale_dtype(self, dtype: torch.dtype | None) -> "Projection":
+        """The ``peft`` projection as PEFT 0.21.2 applies it to a base whose adapted weights are ``dtype``: PEFT
+        stores the scales in the base weight's dtype, so on a bf16/fp16 base they are 1/sqrt(n_j) rounded to
+        bf16/fp16 (used in float32 products). None or float32: the float32 scales. The native kind has no such
+        rounding and returns itself. The variants share the index table and its device copies."""
+        if self.kind != PEFT or dtype not in (torch.bfloat16, torch.float16):
+            dtype = None
+        if dtype == self.scale_dtype:
+            return self
+        variants = self._device_cache.setdefault("variants", {})
+        if dtype not in variants:
+            variants[dtype] = replace(self, scale_dtype=dtype)
+        return variants[dtype]
+
     def _peft_tensors(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        key = str(device)
-        if key not in self._device_cache:
-            self._device_cache[key] = (self._peft_table.to(device), self._peft_scales.to(device))
-        return self._device_cache[key]
+        """(index table, float32 scales) of the peft kind on ``device``, cached; the scales rounded through
+        ``scale_dtype`` when it is set."""
+        cache, dev = self._device_cache, str(device)
+        if ("table", dev) not in cache:
+            cache[("table", dev)] = self._peft_table.to(device)
+        if ("scales", dev, self.scale_dtype) not in cache:
+            scales = self._peft_scales if self.scale_dtype is None else self._peft_scales.to(self.scale_dtype).float()
+            cache[("scales", dev, self.scale_dtype)] = scales.to(device)
+        return cache[("table", dev)], cache[("scales", dev, self.scale_dtype)]
 
     # -- the map i -> idx(i) ------------------------------------------------------------------
     def permute(self, positions: torch.Tensor) -> torch.Tensor:
@@ -195,7 +215,7 @@ class Projection:
         return self.permute(positions) % self.d
 
     def scales_of(self, idx: torch.Tensor) -> torch.Tensor:
-        """The float32 scale 1/sqrt(n_j) of each column in ``idx``."""
+        """The float32 scale 1/sqrt(n_j) of each column in ``idx`` (peft kind: rounded to ``scale_dtype``)."""
         if self.kind == PEFT:
             _, scales = self._peft_tensors(idx.device)
             return scales[idx]

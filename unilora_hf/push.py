@@ -14,7 +14,7 @@ from importlib import metadata, resources
 from pathlib import Path
 from typing import Any
 
-from .errors import AdapterFormatError, HubPushError
+from .errors import AdapterFormatError, HubAuthError, HubConnectionError, HubError, HubPushError, InvalidConfigError
 from .projection import PEFT
 from .serialization import (
     CONFIG_NAME, PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, WEIGHTS_NAME, AdapterFiles, read_adapter,
@@ -146,6 +146,39 @@ def render_card(files: AdapterFiles, repo_id: str, training_summary: dict | None
     return text.replace("![training loss](loss.png)", "![training loss](training_loss.svg)")
 
 
+def resolve_repo_id(api, repo_id: str, token) -> str:
+    """``repo_id`` with its namespace: a bare name (``"my-adapter"``) becomes ``"<user>/my-adapter"`` for the
+    user the token belongs to, asked before anything is created. InvalidConfigError for an invalid id."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as exc:
+        raise InvalidConfigError(f"invalid repo id {repo_id!r}: {str(exc).rstrip('.')}. Use 'namespace/name'.") from None
+    if "/" in repo_id:
+        return repo_id
+    try:
+        user = api.whoami(token=token)
+    except Exception as exc:  # noqa: BLE001
+        raise _push_error(exc, repo_id, token, api.endpoint, doing="asking the Hub who the token belongs to for") from None
+    name = user.get("name") if isinstance(user, dict) else None
+    if not name:
+        raise HubAuthError(f"the Hub did not say which user the token belongs to; pass repo_id as 'namespace/{repo_id}'")
+    return f"{name}/{repo_id}"
+
+
+def _push_error(exc: Exception, repo_id: str, token, endpoint, doing: str = "pushing to") -> Exception:
+    from .hub import hub_error
+
+    error = hub_error(exc, repo_id, None, token, endpoint, doing=doing)
+    if isinstance(error, HubAuthError):
+        return HubAuthError(f"{error} (nothing was uploaded to {repo_id})")
+    if isinstance(error, HubError):
+        return error
+    return HubPushError(f"{doing} {repo_id} failed ({type(exc).__name__}: {' '.join(str(exc).split())[:300]})")
+
+
 def push_adapter(model_or_folder, repo_id: str, *, private: bool | None = None, token: str | None = None,
                  revision: str | None = None, commit_message: str | None = None, create_pr: bool = False,
                  endpoint: str | None = None, training_summary: dict[str, Any] | None = None,
@@ -153,19 +186,22 @@ def push_adapter(model_or_folder, repo_id: str, *, private: bool | None = None, 
                  datasets: list[str] | None = None) -> str:
     """Upload an adapter (a model carrying one, or a saved folder) to ``repo_id`` in one commit.
 
-    Creates the repo if needed. Uploads the adapter config and safetensors file, README.md (rendered
-    from the template unless the repo already has a README that is not ours and ``overwrite_card`` is
-    False) and, when ``training_summary`` has a loss history, ``training_loss.svg``. Returns the commit
-    URL (the pull-request URL with ``create_pr=True``).
-    """
-    from huggingface_hub import CommitOperationAdd, HfApi
-    from huggingface_hub.errors import HFValidationError, HfHubHTTPError
-    from huggingface_hub.utils import validate_repo_id
+    A bare name resolves to the token's user namespace first. Creates the repo if needed. Uploads the
+    adapter config and safetensors file, README.md (rendered from the template unless the repo already has
+    a README that is not ours and ``overwrite_card`` is False) and, when ``training_summary`` has a loss
+    history, ``training_loss.svg``. Returns the commit URL (the pull-request URL with ``create_pr=True``).
 
-    try:
-        validate_repo_id(repo_id)
-    except HFValidationError as exc:
-        raise ValueError(f"invalid repo id {repo_id!r}: {str(exc).rstrip('.')}. Use 'namespace/name'.") from None
+    A failed push leaves nothing behind: a Hub commit is all or nothing, and a repo this push created is
+    deleted again. Errors: HubAuthError (token missing, wrong or without write access), HubConnectionError
+    (Hub unreachable, or ``HF_HUB_OFFLINE=1``), HubPushError (the Hub refused or broke off the upload),
+    InvalidConfigError (invalid repo id), AdapterFormatError (the folder holds no single adapter).
+    """
+    from huggingface_hub import CommitOperationAdd, HfApi, constants
+
+    if constants.HF_HUB_OFFLINE:
+        raise HubConnectionError(f"HF_HUB_OFFLINE=1 is set: pushing to {repo_id} needs the Hub. Unset HF_HUB_OFFLINE "
+                                 "and push again")
+    api = HfApi(endpoint=endpoint, token=token)
     with tempfile.TemporaryDirectory() as tmp:
         if isinstance(model_or_folder, (str, os.PathLike)):
             folder = Path(model_or_folder)
@@ -180,9 +216,12 @@ def push_adapter(model_or_folder, repo_id: str, *, private: bool | None = None, 
         if len(names) != 2:
             raise AdapterFormatError(f"{folder} must hold exactly one adapter (config + weights); found {names}")
         base_params = base_parameter_count(model) if model is not None else None
-        api = HfApi(endpoint=endpoint, token=token)
+        repo_id = resolve_repo_id(api, repo_id, token)
+        created = False
         try:
-            api.create_repo(repo_id, private=private, exist_ok=True, token=token)
+            if not api.repo_exists(repo_id, token=token):
+                api.create_repo(repo_id, private=private, exist_ok=True, token=token)
+                created = True
             ops = [CommitOperationAdd(path_in_repo=n, path_or_fileobj=str(folder / n)) for n in names]
             keep_readme = False
             if not overwrite_card and api.file_exists(repo_id, "README.md", revision=revision, token=token):
@@ -198,15 +237,21 @@ def push_adapter(model_or_folder, repo_id: str, *, private: bool | None = None, 
                                                   path_or_fileobj=loss_svg(history).encode()))
             info = api.create_commit(repo_id, ops, commit_message=commit_message or "Upload Uni-LoRA adapter",
                                      revision=revision, create_pr=create_pr, token=token)
-        except HfHubHTTPError as exc:
+        except Exception as exc:  # noqa: BLE001 — every failure: clean up, then one of our errors
+            removed = ""
+            if created:
+                try:
+                    api.delete_repo(repo_id, token=token, missing_ok=True)
+                    removed = f"; the repo {repo_id} this push created was deleted again"
+                except Exception:  # noqa: BLE001
+                    removed = f"; the empty repo {repo_id} this push created could not be deleted"
+            error = _push_error(exc, repo_id, token, endpoint)
+            if isinstance(error, (HubAuthError, HubConnectionError)):
+                raise type(error)(f"{error}{removed}") from None
             status = getattr(getattr(exc, "response", None), "status_code", None)
-            if status in (401, 403):
-                raise PermissionError(
-                    f"the Hub refused the token for {repo_id} (HTTP {status}): pass a write token with token= or "
-                    "log in with `hf auth login`; nothing was uploaded"
-                ) from None
+            why = getattr(exc, "server_message", None) or " ".join(str(exc).split())[:300]
             raise HubPushError(
-                f"pushing to {repo_id} failed (HTTP {status}): {exc.server_message or exc}. Nothing was "
-                "committed (a Hub commit is all or nothing); run the push again"
+                f"pushing to {repo_id} failed ({f'HTTP {status}: ' if status else ''}{why}). Nothing was committed "
+                f"(a Hub commit is all or nothing){removed}; run the push again"
             ) from None
         return info.pr_url if create_pr and info.pr_url else info.commit_url

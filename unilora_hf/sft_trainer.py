@@ -19,6 +19,7 @@ import inspect
 import os
 
 from .config import UniLoraConfig
+from .errors import InvalidConfigError
 from .layer import UniLoraLinear
 from .trainer import (
     UniLoraTrainerMixin, attach, broadcast_theta_from_rank0, quant_method_of_config, quantized_base_accepted,
@@ -77,12 +78,12 @@ class UniLoraSFTMixin(UniLoraTrainerMixin):
         given = bound.arguments
         if given.get("peft_config") is not None:
             both = " together with unilora_config" if unilora_config is not None else ""
-            raise ValueError(
+            raise InvalidConfigError(
                 f"{type(self).__name__} got peft_config{both}: it trains a Uni-LoRA adapter, configured by "
                 "unilora_config=UniLoraConfig(...). Drop peft_config, or use trl.SFTTrainer for a PEFT adapter."
             )
         if not _is_bnb_config(given.get("quantization_config")):
-            raise ValueError(
+            raise InvalidConfigError(
                 "quantization_config was given, but unilora_hf trains Uni-LoRA on bitsandbytes 4-bit/8-bit and "
                 "unquantized bases only: pass a BitsAndBytesConfig in args.model_init_kwargs, or set "
                 "args.model_init_kwargs={'dtype': 'bfloat16'}."
@@ -95,7 +96,7 @@ class UniLoraSFTMixin(UniLoraTrainerMixin):
         if chat_template_path is not None and not (
             os.path.isfile(chat_template_path) and chat_template_path.endswith((".jinja", ".j2"))
         ):
-            raise ValueError(
+            raise InvalidConfigError(
                 f"chat_template_path={chat_template_path!r} copies another tokenizer's template and adds its special "
                 "tokens, whose new embeddings could not train (the base is frozen). Give a .jinja file, or set "
                 "processing_class.chat_template before creating the trainer."
@@ -111,7 +112,7 @@ class UniLoraSFTMixin(UniLoraTrainerMixin):
         attach(model, unilora_config)
         out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         if isinstance(out, UniLoraLinear):
-            raise ValueError(
+            raise InvalidConfigError(
                 "unilora_config adapts the output head, but trl computes the log-probabilities from "
                 "lm_head.weight directly, so that adapter would never train. Remove the head from target_modules "
                 "(or list it in modules_to_save to train it in full)."
@@ -142,7 +143,7 @@ class UniLoraSFTMixin(UniLoraTrainerMixin):
         in distributed runs, ``trust_remote_code`` from ``args``."""
         init_kwargs = dict(getattr(args, "model_init_kwargs", None) or {})
         if not _is_bnb_config(init_kwargs.get("quantization_config")):
-            raise ValueError(
+            raise InvalidConfigError(
                 "args.model_init_kwargs holds a quantization_config other than bitsandbytes; unilora_hf trains "
                 "Uni-LoRA on bitsandbytes 4-bit/8-bit and unquantized bases only: use a BitsAndBytesConfig or "
                 "set dtype='bfloat16' instead."

@@ -24,10 +24,10 @@ from transformers import Trainer, set_seed
 from transformers.trainer_pt_utils import get_parameter_names
 
 from .config import UniLoraConfig
-from .distributed import AdapterState, gather_adapter_state, load_adapter_state
-from .errors import AdapterFormatError, LayoutMismatchError
+from .distributed import gather_adapter_state, load_adapter_state
+from .errors import AdapterFormatError, InvalidConfigError, LayoutMismatchError
 from .model import UniLoraAdapter, get_adapter, has_adapter, inject_adapter, unwrap
-from .serialization import read_adapter
+from .serialization import AdapterState, read_adapter
 
 
 def quant_method_of_config(config) -> str | None:
@@ -49,7 +49,7 @@ def _quant_method(model) -> str | None:
 def _refuse_quantized(model) -> None:
     method = _quant_method(model)
     if method is not None and method != "bitsandbytes":
-        raise ValueError(
+        raise InvalidConfigError(
             f"the base model is quantized with {method!r}; unilora_hf trains Uni-LoRA on bitsandbytes 4-bit/8-bit "
             "bases and on unquantized ones (bf16/fp16/fp32) only. Load the base with "
             "BitsAndBytesConfig(load_in_4bit=True) or dtype=torch.bfloat16."
@@ -75,14 +75,14 @@ def quantized_base_accepted(model):
 def attach(model, unilora_config: UniLoraConfig | None) -> UniLoraAdapter:
     """Attach ``unilora_config`` to ``model`` in place, or return the adapter it already has."""
     if model is None:
-        raise ValueError("UniLoraTrainer needs a model (or model_init)")
+        raise InvalidConfigError("UniLoraTrainer needs a model (or model_init)")
     _refuse_quantized(model)
     if has_adapter(model):
         if unilora_config is not None and get_adapter(model).config != unilora_config:
-            raise ValueError("the model already has a Uni-LoRA adapter with another config; pass unilora_config=None")
+            raise InvalidConfigError("the model already has a Uni-LoRA adapter with another config; pass unilora_config=None")
         return get_adapter(model)
     if unilora_config is None:
-        raise ValueError(
+        raise InvalidConfigError(
             "UniLoraTrainer got a model without a Uni-LoRA adapter and no unilora_config: pass "
             "unilora_config=UniLoraConfig(...) or a model prepared with unilora_hf.inject_adapter"
         )
@@ -106,7 +106,7 @@ def load_adapter_weights(model, folder: str | os.PathLike) -> None:
     parameters the optimizer holds). Refuses a folder from another adapter layout."""
     adapter = get_adapter(model)
     files = read_adapter(folder)
-    layout = files.meta.get("layout", {})
+    layout = files.layout or {}
     if layout.get("fingerprint") != adapter.fingerprint or files.config.theta_d_length != adapter.config.theta_d_length:
         raise LayoutMismatchError(
             f"checkpoint {folder} was saved from another adapter layout (fingerprint {layout.get('fingerprint')}, "
@@ -118,7 +118,7 @@ def load_adapter_weights(model, folder: str | os.PathLike) -> None:
             f"checkpoint {folder} uses projection {files.config.projection}/seed {files.config.proj_seed}; "
             f"this run uses {adapter.config.projection}/seed {adapter.config.proj_seed}"
         )
-    live = adapter.trainable_state()
+    live = adapter.saved_state()
     if set(live) != set(files.tensors):
         raise AdapterFormatError(f"checkpoint {folder} holds heads {sorted(files.tensors)}, this run trains {sorted(live)}")
     load_adapter_state(model, AdapterState(files.theta_d, files.tensors))
@@ -149,7 +149,7 @@ def refuse_reentrant_under_ddp(trainer) -> None:
     ddp = (args.world_size > 1 and not getattr(trainer, "is_fsdp_enabled", False)
            and not getattr(trainer, "is_deepspeed_enabled", False))
     if ddp and not args.ddp_static_graph and _uses_reentrant_checkpointing(trainer.model, args):
-        raise ValueError(
+        raise InvalidConfigError(
             "reentrant activation checkpointing under DDP gives θ_d a wrong gradient: θ_d is shared by every "
             "checkpointed layer, each adds to its gradient in a separate backward pass, and DDP all-reduces it "
             "after the first one. Use non-reentrant checkpointing (activation_checkpointing_kwargs="
