@@ -8,10 +8,11 @@ from .auto import UniLoraAutoModel
 from .config import UniLoraConfig
 from .distributed import gather_adapter_state, load_adapter_state
 from .errors import (
-    AdapterFormatError, AdapterIntegrityError, AdapterStateError, HubAuthError, HubConnectionError, HubError,
+    AdapterFormatError, AdapterIntegrityError, AdapterStateError, BaseModelError, HubAuthError, HubConnectionError, HubError,
     HubPushError, InvalidConfigError, LayoutMismatchError, UniLoraError, UnsafeAdapterError,
 )
-from .hub import AdapterNotCachedError, AdapterRepoNotFoundError, AdapterRevisionNotFoundError, load_adapter
+from .hub import AdapterNotCachedError, AdapterRepoNotFoundError, AdapterRevisionNotFoundError
+from .loading import load_adapter
 from .layer import UniLoraLinear
 from .model import UniLoraAdapter, get_adapter, has_adapter, inject_adapter
 from .peft_export import export_lora
@@ -29,6 +30,7 @@ __all__ = [
     "AdapterRevisionNotFoundError",
     "AdapterState",
     "AdapterStateError",
+    "BaseModelError",
     "HubAuthError",
     "HubConnectionError",
     "HubError",

@@ -6,7 +6,7 @@ import os
 
 import torch.nn as nn
 
-from .errors import AdapterFormatError
+from .errors import AdapterFormatError, BaseModelError, UniLoraError
 from .hub import resolve_adapter
 from .loading import apply_adapter
 from .serialization import AdapterFiles, read_adapter
@@ -78,15 +78,26 @@ class UniLoraAutoModel:
             raise AdapterFormatError("the adapter records no base model: pass base= (a model id, folder or model)")
         name = str(name)
         revision = base_revision if base is not None or base_revision else files.base.revision
+        trust = model_kwargs.pop("trust_remote_code", False) is True  # the caller's own argument, nothing else
         common = dict(revision=revision, token=token, cache_dir=cache_dir, local_files_only=local_files_only,
-                      trust_remote_code=bool(model_kwargs.pop("trust_remote_code", False)))
-        base_config = AutoConfig.from_pretrained(name, **common)
-        model_cls = model_class_for(files, base_config)
-        kwargs = {**files.base.config_overrides, **model_kwargs}
-        if isinstance(kwargs.get("id2label"), dict):  # JSON keys are strings; transformers wants class ids
-            kwargs["id2label"] = {int(k): v for k, v in kwargs["id2label"].items()}
-        if dtype is not None:
-            kwargs["dtype"] = dtype
-        if device_map is not None:
-            kwargs["device_map"] = device_map
-        return model_cls.from_pretrained(name, **common, **kwargs)
+                      trust_remote_code=trust)
+        try:
+            base_config = AutoConfig.from_pretrained(name, **common)
+            model_cls = model_class_for(files, base_config)
+            kwargs = {**files.base.config_overrides, **model_kwargs}
+            if isinstance(kwargs.get("id2label"), dict):  # JSON keys are strings; transformers wants class ids
+                kwargs["id2label"] = {int(k): v for k, v in kwargs["id2label"].items()}
+            if dtype is not None:
+                kwargs["dtype"] = dtype
+            if device_map is not None:
+                kwargs["device_map"] = device_map
+            return model_cls.from_pretrained(name, **common, **kwargs)
+        except (OSError, ValueError, KeyError) as exc:
+            if isinstance(exc, UniLoraError):
+                raise
+            source = "the base model recorded in the adapter" if base is None else "the base model"
+            raise BaseModelError(
+                f"{source} {name!r} could not be loaded ({type(exc).__name__}: {' '.join(str(exc).split())[:400]}). "
+                "Pass base= (a model id, folder or loaded model) that exists here; remote code runs only with your "
+                "own trust_remote_code=True"
+            ) from None

@@ -93,6 +93,7 @@ def adapter_info(folder: Path) -> dict:
         "folder": str(folder),
         "format": "peft" if PEFT_CONFIG_NAME in names else "native",
         "written_by": files.source,
+        "integrity": files.integrity,
         "files": {n: (folder / n).stat().st_size for n in names},
         "base_model": base.get("name_or_path"),
         "base_revision": base.get("revision"),
@@ -116,6 +117,8 @@ def _print_info(adapter: str, revision: str | None, info: dict) -> None:
         ("adapter", adapter + (f" @ {revision}" if revision else "")),
         ("folder", info["folder"]),
         ("format", f"{info['format']} (written by {info['written_by']})"),
+        ("integrity", "digest and checksum verified" if info["integrity"] == "verified" else
+                      "not recorded (written by PEFT or an older unilora_hf): checked for everything else"),
         *[(f"file {name}", f"{size:,} bytes") for name, size in info["files"].items()],
         ("base model", f"{info['base_model'] or 'not recorded'} (revision {info['base_revision'] or 'not recorded'}, "
                        f"{info['auto_class'] or 'AutoModel'})"),

@@ -13,6 +13,7 @@ field or module at fault and the fix, on one line.
     │                                        out of the folder, FIFOs/devices, loader options that run code
     ├── LayoutMismatchError (ValueError)     the base model's adapted layers differ from the adapter's
     ├── AdapterStateError (RuntimeError)     the operation does not fit the adapter's state (merged, absent ...)
+    ├── BaseModelError (OSError)             the base model cannot be loaded (missing, needs remote code ...)
     └── HubError (OSError)                   talking to the Hugging Face Hub
         ├── HubConnectionError (ConnectionError)   the Hub cannot be reached (and the cache cannot serve)
         ├── HubAuthError (PermissionError)         the token is missing, wrong, or may not do this
@@ -55,6 +56,10 @@ class LayoutMismatchError(UniLoraError, ValueError):
 
 class AdapterStateError(UniLoraError, RuntimeError):
     """The operation does not fit the model's current adapter state (already injected, merged, ...)."""
+
+
+class BaseModelError(UniLoraError, OSError):
+    """The base model cannot be loaded (a wrong id or folder, remote code that was not allowed, ...)."""
 
 
 class HubError(UniLoraError, OSError):

@@ -1,5 +1,4 @@
-"""Finding adapter files: a local folder, or a Hub repo pulled with huggingface_hub's own cache; and
-attaching them to a model that is already loaded.
+"""Finding adapter files: a local folder, or a Hub repo pulled with huggingface_hub's own cache.
 
 Downloads go through ``hf_hub_download`` so the user's cache, token, ``revision`` pinning,
 ``local_files_only`` and ``HF_HUB_OFFLINE`` behave as everywhere else in the ecosystem. One request
@@ -18,10 +17,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import torch.nn as nn
-
 from .errors import (
-    AdapterFormatError, HubAuthError, HubConnectionError, HubError, InvalidArgumentError, UnsafeAdapterError,
+    AdapterFormatError, HubAuthError, HubConnectionError, HubError, UnsafeAdapterError,
 )
 from .serialization import (
     CONFIG_NAME, PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, PICKLE_NAMES, WEIGHTS_NAME, read_adapter,
@@ -103,6 +100,10 @@ def hub_error(exc: Exception, repo_id: str, revision: str | None, token, endpoin
                 f"the Hub at {where} refused the token for {repo_id} (HTTP {status}): pass a valid token with "
                 "token=... / --token, or log in with `hf auth login`")
         return HubError(f"{doing} {repo_id} at {where} failed (HTTP {status}): {_one_line(exc)}; try again later")
+    if is_network_error(exc) and any(k in type(exc).__name__ for k in ("Protocol", "Read", "Incomplete", "Chunked")):
+        return HubConnectionError(
+            f"the connection to the Hub at {where} broke off again and again while {doing} {repo_id} "
+            f"({type(exc).__name__}: {_one_line(exc)}). Try again later")
     if is_network_error(exc):
         return HubConnectionError(
             f"the Hub at {where} cannot be reached while {doing} {repo_id} ({type(exc).__name__}: {_one_line(exc)}). "
@@ -211,33 +212,3 @@ def resolve_adapter(adapter: str | os.PathLike, revision: str | None = None, tok
             raise error from None
         folder = Path(path).parent
     return folder
-
-
-def load_adapter(model: nn.Module, adapter: str | os.PathLike, *, revision: str | None = None,
-                 token: str | bool | None = None, cache_dir: str | os.PathLike | None = None,
-                 local_files_only: bool = False, endpoint: str | None = None):
-    """Attach a stored adapter to ``model``, an already loaded base model, in place; returns the
-    `UniLoraAdapter` handle (also ``unilora_hf.get_adapter(model)``).
-
-    ``adapter`` is a local folder or a Hub repo id; ``revision`` (branch, tag or commit sha), ``token``,
-    ``cache_dir``, ``local_files_only`` and ``endpoint`` mean what they mean in ``hf_hub_download``, and
-    ``HF_HUB_OFFLINE=1`` serves the adapter from the cache. Either file format loads (unilora_hf's native
-    one, or PEFT's UNILORA one). Every check runs before the model is touched: the files' integrity, the
-    projection rebuilt from the stored seed, the model's adapted layers against the stored layout
-    (LayoutMismatchError names the first difference), every trained tensor's name, shape and dtype; a refused
-    load leaves the model bit-identical. θ_d (float32, on the device of the model's first adapted weight)
-    and any trained heads (cast to the model's dtype) are loaded. The adapter starts unmerged and enabled;
-    the model's train/eval mode is left as it is.
-    """
-    from .loading import apply_adapter
-    from .model import refuse_adapted, unwrap
-
-    if not isinstance(model, nn.Module):
-        raise InvalidArgumentError(
-            f"model must be a loaded torch.nn.Module (e.g. from AutoModel.from_pretrained), got {type(model).__name__}; "
-            "to load the base and the adapter in one call use UniLoraAutoModel.from_pretrained(base, adapter)"
-        )
-    refuse_adapted(unwrap(model))
-    folder = resolve_adapter(adapter, revision=revision, token=token, cache_dir=cache_dir,
-                             local_files_only=local_files_only, endpoint=endpoint)
-    return apply_adapter(model, read_adapter(folder))

@@ -14,14 +14,17 @@ counter) must have the live buffer's dtype. A tensor is never reinterpreted.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn as nn
 
 from .errors import AdapterFormatError, InvalidArgumentError, InvalidConfigError, LayoutMismatchError
 from .layout import check_layout
-from .model import InjectionPlan, UniLoraAdapter, inject_adapter, plan_injection, unwrap
+from .model import InjectionPlan, UniLoraAdapter, inject_adapter, plan_injection, refuse_adapted, unwrap
 from .projection import Projection
-from .serialization import AdapterFiles
+from .hub import resolve_adapter
+from .serialization import AdapterFiles, read_adapter
 
 
 def _describe_names(names: list[str], limit: int = 8) -> str:
@@ -130,3 +133,30 @@ def apply_adapter(model: nn.Module, files: AdapterFiles) -> UniLoraAdapter:
         raise
     adapter.base_model_revision = files.base.revision
     return adapter
+
+
+def load_adapter(model: nn.Module, adapter: str | os.PathLike, *, revision: str | None = None,
+                 token: str | bool | None = None, cache_dir: str | os.PathLike | None = None,
+                 local_files_only: bool = False, endpoint: str | None = None):
+    """Attach a stored adapter to ``model``, an already loaded base model, in place; returns the
+    `UniLoraAdapter` handle (also ``unilora_hf.get_adapter(model)``).
+
+    ``adapter`` is a local folder or a Hub repo id; ``revision`` (branch, tag or commit sha), ``token``,
+    ``cache_dir``, ``local_files_only`` and ``endpoint`` mean what they mean in ``hf_hub_download``, and
+    ``HF_HUB_OFFLINE=1`` serves the adapter from the cache. Either file format loads (unilora_hf's native
+    one, or PEFT's UNILORA one). Every check runs before the model is touched: the files' integrity, the
+    projection rebuilt from the stored seed, the model's adapted layers against the stored layout
+    (LayoutMismatchError names the first difference), every trained tensor's name, shape and dtype; a refused
+    load leaves the model bit-identical. θ_d (float32, on the device of the model's first adapted weight)
+    and any trained heads (cast to the model's dtype) are loaded. The adapter starts unmerged and enabled;
+    the model's train/eval mode is left as it is.
+    """
+    if not isinstance(model, nn.Module):
+        raise InvalidArgumentError(
+            f"model must be a loaded torch.nn.Module (e.g. from AutoModel.from_pretrained), got {type(model).__name__}; "
+            "to load the base and the adapter in one call use UniLoraAutoModel.from_pretrained(base, adapter)"
+        )
+    refuse_adapted(unwrap(model))
+    folder = resolve_adapter(adapter, revision=revision, token=token, cache_dir=cache_dir,
+                             local_files_only=local_files_only, endpoint=endpoint)
+    return apply_adapter(model, read_adapter(folder))

@@ -33,6 +33,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import functools
 import hashlib
 import json
 import os
@@ -436,14 +437,25 @@ def _refuse(out: Path, what: str) -> set[str]:
 _RENAME_EXCHANGE = 2
 
 
+@functools.lru_cache(maxsize=1)
+def _renameat2():
+    """libc's ``renameat2``, or None where there is none (not Linux, or an old libc)."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError, TypeError):
+        try:
+            fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).renameat2
+        except (OSError, AttributeError, TypeError):
+            return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    return fn
+
+
 def _exchange(a: Path, b: Path) -> bool:
     """Swap two paths atomically (Linux ``renameat2(RENAME_EXCHANGE)``); False where it is not available."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        fn = libc.renameat2
-    except (OSError, AttributeError):
+    fn = _renameat2()
+    if fn is None:
         return False
-    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
     at_fdcwd = -100
     if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) == 0:
         return True
@@ -616,6 +628,19 @@ def read_adapter(folder: str | os.PathLike | UntrustedFolder, extra_roots: tuple
             extra_roots = (path.parent.parent / "blobs",)
         folder = UntrustedFolder(path, extra_roots)
     uf = folder
+    try:
+        return _read(uf)
+    except UniLoraError:
+        raise
+    except (TypeError, KeyError, AttributeError, IndexError, OverflowError, RecursionError, UnicodeError) as exc:
+        # A shape of input no check above anticipated: still a refusal, never a crash.
+        raise AdapterFormatError(
+            f"the adapter files in {uf.path} are malformed ({type(exc).__name__}: {' '.join(str(exc).split())[:200]}); "
+            "download or save the adapter again"
+        ) from None
+
+
+def _read(uf: UntrustedFolder) -> AdapterFiles:
     names = uf.names()
     native, peft = CONFIG_NAME in names, PEFT_CONFIG_NAME in names
     if native and peft:
@@ -793,7 +818,8 @@ def _peft_config(data: dict, where: str) -> UniLoraConfig:
         init_theta_d_bound=data.get("init_theta_d_bound", 0.02), modules_to_save=data.get("modules_to_save"),
         bias=data.get("bias", "none"), fan_in_fan_out=data.get("fan_in_fan_out", False), task_type=task,
     )
-    if isinstance(fields["modules_to_save"], list):  # PEFT's task classes append to it: repeats mean nothing
+    saved = fields["modules_to_save"]
+    if isinstance(saved, list) and all(isinstance(m, str) for m in saved):  # PEFT's task classes append: repeats mean nothing
         fields["modules_to_save"] = list(dict.fromkeys(fields["modules_to_save"]))
     return _config_from(fields, where)
 
