@@ -122,3 +122,10 @@ def test_cli_reports_hub_failures_on_one_line(hub_server, dead_endpoint, tmp_pat
     assert time.monotonic() - start < 60  # two process starts included
     line = one_line_error(cli("push", folder, "alice/x", "--token", "hf_wrong", "--endpoint", hub_server.url))
     assert "refused the token" in line
+    push_adapter(model, "alice/flaky-cli", token=TOKEN, endpoint=hub_server.url)
+    hub_server.truncate_next_downloads(100)
+    try:
+        line = one_line_error(cli("info", "alice/flaky-cli", "--endpoint", hub_server.url, "--cache-dir", tmp_path))
+    finally:
+        hub_server.truncate_next_downloads(-hub_server._faults["download"])
+    assert "broke off again and again" in line
