@@ -19,7 +19,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from .errors import AdapterFormatError, UniLoraError
+from .errors import AdapterFormatError, BaseModelError, SaveError, UniLoraError
 from .version import __version__
 
 PROG = "unilora-hf"
@@ -65,7 +65,7 @@ def _resolve(args, adapter: str) -> Path:
 def _empty_out_dir(path: str) -> Path:
     out = Path(path)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"{out} exists and is not an empty folder; pass a new or empty OUT_DIR "
+        raise SaveError(f"{out} exists and is not an empty folder; pass a new or empty OUT_DIR "
                               "(unilora-hf never overwrites files)")
     return out
 
@@ -151,7 +151,7 @@ def _load(args, base: str, folder: Path, merge: bool):
     from .auto import UniLoraAutoModel
 
     if (os.path.isabs(base) or base.startswith((".", "~"))) and not os.path.isdir(os.path.expanduser(base)):
-        raise FileNotFoundError(f"the base model folder {base} does not exist; pass an existing folder or a Hub id")
+        raise BaseModelError(f"the base model folder {base} does not exist; pass an existing folder or a Hub id")
 
     return UniLoraAutoModel.from_pretrained(
         base, folder, merge=merge, dtype=_torch_dtype(args.dtype), token=args.token, cache_dir=args.cache_dir,

@@ -14,6 +14,8 @@ field or module at fault and the fix, on one line.
     ├── LayoutMismatchError (ValueError)     the base model's adapted layers differ from the adapter's
     ├── AdapterStateError (RuntimeError)     the operation does not fit the adapter's state (merged, absent ...)
     ├── BaseModelError (OSError)             the base model cannot be loaded (missing, needs remote code ...)
+    ├── SaveError (OSError)                  files cannot be written where asked
+    ├── MissingDependencyError (ImportError) an optional dependency (trl, triton) is not installed
     └── HubError (OSError)                   talking to the Hugging Face Hub
         ├── HubConnectionError (ConnectionError)   the Hub cannot be reached (and the cache cannot serve)
         ├── HubAuthError (PermissionError)         the token is missing, wrong, or may not do this
@@ -60,6 +62,14 @@ class AdapterStateError(UniLoraError, RuntimeError):
 
 class BaseModelError(UniLoraError, OSError):
     """The base model cannot be loaded (a wrong id or folder, remote code that was not allowed, ...)."""
+
+
+class SaveError(UniLoraError, OSError):
+    """The adapter (or an exported or merged model) cannot be written where asked."""
+
+
+class MissingDependencyError(UniLoraError, ImportError):
+    """An optional dependency is missing; the message gives the install command."""
 
 
 class HubError(UniLoraError, OSError):

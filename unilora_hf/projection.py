@@ -33,6 +33,8 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
+from .errors import InvalidConfigError
+
 NATIVE = "native"
 PEFT = "peft"
 SPEC_VERSIONS = {NATIVE: "native-feistel-v1", PEFT: "peft-0.21"}
@@ -130,13 +132,13 @@ class Projection:
     @classmethod
     def build(cls, kind: str, seed: int, D: int, d: int) -> "Projection":
         if kind not in SPEC_VERSIONS:
-            raise ValueError(f"projection kind {kind!r} is unknown; use one of {sorted(SPEC_VERSIONS)}")
+            raise InvalidConfigError(f"projection kind {kind!r} is unknown; use one of {sorted(SPEC_VERSIONS)}")
         if not 0 < D <= MAX_D:
-            raise ValueError(f"D = {D} is out of range: the adapted layers hold between 1 and 2^62 LoRA parameters")
+            raise InvalidConfigError(f"D = {D} is out of range: the adapted layers hold between 1 and 2^62 LoRA parameters")
         if d <= 0:
-            raise ValueError(f"d (theta_d_length) = {d} must be positive")
+            raise InvalidConfigError(f"d (theta_d_length) = {d} must be positive")
         if not 0 <= seed < (2**64 if kind == NATIVE else 2**256):
-            raise ValueError(f"proj_seed = {seed} is out of range for the {kind} projection")
+            raise InvalidConfigError(f"proj_seed = {seed} is out of range for the {kind} projection")
         if kind == PEFT:
             table = peft_generate_index(D, d, seed)
             counts = torch.bincount(table, minlength=d)

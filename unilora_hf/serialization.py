@@ -46,7 +46,9 @@ from typing import Any, NamedTuple
 import torch
 
 from .config import TASK_TYPES, UniLoraConfig
-from .errors import AdapterFormatError, AdapterIntegrityError, InvalidConfigError, UniLoraError, UnsafeAdapterError
+from .errors import (
+    AdapterFormatError, AdapterIntegrityError, InvalidConfigError, SaveError, UniLoraError, UnsafeAdapterError,
+)
 from .projection import NATIVE, PEFT, SPEC_VERSIONS
 from .safe_io import (
     MAX_JSON_BYTES, TensorEntry, UntrustedFolder, build_tensor, parse_json, parse_safetensors_header, tensor_bytes,
@@ -598,10 +600,6 @@ def with_suppress_unlink(path: Path) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
-
-
-class SaveError(UniLoraError, OSError):
-    """The adapter cannot be written where asked."""
 
 
 # -- reading ---------------------------------------------------------------------------------------------

@@ -18,21 +18,21 @@ from __future__ import annotations
 import inspect
 import os
 
+from transformers import set_seed
+
 from .config import UniLoraConfig
-from .errors import InvalidConfigError
+from .errors import InvalidConfigError, MissingDependencyError
 from .layer import UniLoraLinear
 from .trainer import (
     UniLoraTrainerMixin, attach, broadcast_theta_from_rank0, quant_method_of_config, quantized_base_accepted,
     refuse_reentrant_under_ddp, upcast_trainable,
 )
 
-from transformers import set_seed
-
 try:
     from trl import SFTConfig, SFTTrainer
     from trl.trainer.utils import create_model_from_path
 except ImportError as exc:  # trl missing or broken
-    raise ImportError(
+    raise MissingDependencyError(
         f"UniLoraSFTTrainer needs trl (>= 1.16), which could not be imported ({exc}). Install it with "
         '`pip install "unilora_hf[trl]"`.'
     ) from exc

@@ -42,6 +42,7 @@ import os
 import torch
 
 from .. import reference
+from ..errors import InvalidConfigError
 from ..projection import NATIVE, PEFT, Projection, balanced_counts
 
 BACKENDS = ("triton", "reference")
@@ -72,7 +73,7 @@ def force_backend(name: str | None):
     (environment variable, then device). Nests; process-wide (not per thread)."""
     global _forced
     if name is not None and name not in BACKENDS:
-        raise ValueError(f"backend {name!r} is unknown; use one of {BACKENDS} or None")
+        raise InvalidConfigError(f"backend {name!r} is unknown; use one of {BACKENDS} or None")
     previous, _forced = _forced, name
     try:
         yield
@@ -90,7 +91,7 @@ def resolve_backend(device: torch.device | str) -> str:
     if choice is None:
         choice = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
         if choice not in (*BACKENDS, "auto"):
-            raise ValueError(f"{ENV_VAR}={choice!r} is invalid; use triton, reference or auto")
+            raise InvalidConfigError(f"{ENV_VAR}={choice!r} is invalid; use triton, reference or auto")
     if choice == "auto":
         choice = "triton" if device.type == "cuda" and _TRITON_INSTALLED else "reference"
     if choice == "triton" and not torch.compiler.is_compiling():

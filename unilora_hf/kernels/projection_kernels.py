@@ -41,11 +41,13 @@ import sys
 
 import torch
 
+from ..errors import MissingDependencyError
+
 try:
     import triton
     import triton.language as tl
 except ImportError as exc:  # pragma: no cover - exercised only without triton
-    raise ImportError(
+    raise MissingDependencyError(
         'the Triton kernels of unilora_hf need the triton package: pip install "unilora_hf[triton]"'
     ) from exc
 
