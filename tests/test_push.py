@@ -79,8 +79,9 @@ def test_trainer_push_to_hub_lands_the_adapter_repo(hub_server, tmp_path):
         def __getitem__(self, i):
             return {"input_ids": torch.arange(3, 11) + i, "labels": torch.tensor(i % 2)}
 
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=8, report_to=[],
-                             use_cpu=True, hub_model_id="alice/trained", hub_token=TOKEN, save_strategy="no")
+    args = TrainingArguments(output_dir=str(tmp_path / "my-run"), max_steps=2, per_device_train_batch_size=8,
+                             report_to=[], use_cpu=True, hub_model_id="alice/trained", hub_token=TOKEN,
+                             save_strategy="no")
     trainer = UniLoraTrainer(tiny_bert(num_labels=2), args, train_dataset=Data(), unilora_config=UniLoraConfig(
         r=2, theta_d_length=100, target_modules=["query"], modules_to_save=["classifier"]),
         hub_endpoint=hub_server.url)
@@ -90,6 +91,10 @@ def test_trainer_push_to_hub_lands_the_adapter_repo(hub_server, tmp_path):
     files = set(hub_server.repo_files("alice/trained"))
     assert {"unilora_config.json", "unilora_model.safetensors", "README.md"} <= files
     assert "training_args.bin" not in files and "tokenizer.json" not in files
+    # Without hub_model_id the repo is named after output_dir, in the token owner's namespace.
+    args.hub_model_id = None
+    url = trainer.push_to_hub()
+    assert "alice/my-run" in url and "unilora_model.safetensors" in hub_server.repo_files("alice/my-run")
 
 
 def test_push_faults_are_clear_and_lose_nothing(hub_server):
