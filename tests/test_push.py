@@ -93,6 +93,7 @@ def test_trainer_push_to_hub_lands_the_adapter_repo(hub_server, tmp_path):
     assert "training_args.bin" not in files and "tokenizer.json" not in files
     # Without hub_model_id the repo is named after output_dir, in the token owner's namespace.
     args.hub_model_id = None
+    trainer = UniLoraTrainer(trainer.model, args, train_dataset=Data(), hub_endpoint=hub_server.url)
     url = trainer.push_to_hub()
     assert "alice/my-run" in url and "unilora_model.safetensors" in hub_server.repo_files("alice/my-run")
 

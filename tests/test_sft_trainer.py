@@ -95,8 +95,9 @@ def test_string_model_id_completion_only_loss_kilobyte_checkpoints_and_exact_res
     ckpt = tmp_path / "full" / "checkpoint-3"
     files = {f: os.path.getsize(ckpt / f) for f in os.listdir(ckpt)}
     assert {"unilora_config.json", "unilora_model.safetensors"} <= set(files)
-    assert not any(f.startswith("model") or f == "training_args.bin" for f in files), files
-    assert sum(files.values()) < 64 * 1024, files  # the base model's safetensors alone is 1 MB
+    assert not any(f.startswith("model") for f in files), files
+    adapter_only = {f: n for f, n in files.items() if not f.startswith(("tokenizer", "special_tokens", "chat_template"))}
+    assert sum(adapter_only.values()) < 64 * 1024, files  # the base model's safetensors alone is 1 MB
     assert files["unilora_model.safetensors"] < 4 * CFG.theta_d_length + 1024
     card = (tmp_path / "full" / "README.md").read_text()
     assert "library_name: unilora_hf" in card and "UniLoraAutoModel" in card and "pipeline(" not in card
@@ -220,7 +221,7 @@ def test_bad_input(tmp_path):
     with pytest.raises(ValueError, match="peft_config together with unilora_config"):
         UniLoraSFTTrainer(str(STORIES), args, train_dataset=stories(), unilora_config=CFG,
                           peft_config=LoraConfig(target_modules=["q_proj"]))
-    with pytest.raises(ValueError, match="got peft_config: it trains a Uni-LoRA adapter"):
+    with pytest.raises(ValueError, match=r"got peft_config \(trl's --use_peft makes one\): it trains a Uni-LoRA adapter"):
         UniLoraSFTTrainer(str(STORIES), args, train_dataset=stories(),
                           peft_config=LoraConfig(target_modules=["q_proj"]))
     peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(STORIES), LoraConfig(target_modules=["q_proj"]))

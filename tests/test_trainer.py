@@ -83,7 +83,7 @@ def test_checkpoints_are_kilobytes_and_resume_is_exact(tmp_path):
     ckpt = tmp_path / "full" / "checkpoint-3"
     adapter_files = {"unilora_config.json", "unilora_model.safetensors"}
     assert adapter_files <= set(os.listdir(ckpt))
-    assert "model.safetensors" not in os.listdir(ckpt) and "training_args.bin" not in os.listdir(ckpt)
+    assert "model.safetensors" not in os.listdir(ckpt)  # kilobytes: the base model is never written
     assert sum(os.path.getsize(ckpt / f) for f in adapter_files) < 8 * 1024
     resumed, resumed_model = run(tmp_path / "resumed")
     resumed.train(resume_from_checkpoint=str(ckpt))
@@ -132,7 +132,8 @@ def test_real_stories260k_with_gradient_accumulation_and_checkpointing(tmp_path)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert losses[-1] < losses[0]
     trainer.save_model(str(tmp_path / "final"))
-    assert sorted(os.listdir(tmp_path / "final")) == ["unilora_config.json", "unilora_model.safetensors"]
+    assert sorted(os.listdir(tmp_path / "final")) == ["training_args.bin", "unilora_config.json",
+                                                      "unilora_model.safetensors"]
 
 
 def test_model_init_gets_a_fresh_adapter_each_time(tmp_path):
@@ -231,4 +232,5 @@ def test_torch_compile_trains_like_eager(tmp_path):
     torch.testing.assert_close(compiled_model.classifier.modules_to_save.weight,
                                eager_model.classifier.modules_to_save.weight, rtol=1e-5, atol=1e-5)
     compiled.save_model(str(tmp_path / "final"))
-    assert sorted(os.listdir(tmp_path / "final")) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(os.listdir(tmp_path / "final")) == ["adapter_config.json", "adapter_model.safetensors",
+                                                      "training_args.bin"]

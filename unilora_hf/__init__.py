@@ -2,64 +2,58 @@
 
 One trained vector θ_d per model; every adapted layer's LoRA matrices are read out of it through a
 fixed, seeded, isometric projection, so an adapter is θ_d plus a seed.
+
+Importing the package is cheap: every public name is imported from its module on first use (torch,
+transformers' ``Trainer``, trl and datasets only load when a name that needs them is used).
 """
 
-from .auto import UniLoraAutoModel
-from .config import UniLoraConfig
-from .distributed import gather_adapter_state, load_adapter_state
-from .errors import (
-    AdapterFormatError, AdapterIntegrityError, AdapterStateError, BaseModelError, HubAuthError, HubConnectionError, HubError,
-    HubPushError, InvalidConfigError, LayoutMismatchError, UniLoraError, UnsafeAdapterError,
-)
-from .hub import AdapterNotCachedError, AdapterRepoNotFoundError, AdapterRevisionNotFoundError
-from .loading import load_adapter
-from .layer import UniLoraLinear
-from .model import UniLoraAdapter, get_adapter, has_adapter, inject_adapter
-from .peft_export import export_lora
-from .projection import Projection
-from .push import push_adapter
-from .serialization import AdapterState, read_adapter, save_adapter
-from .trainer import UniLoraTrainer
+from __future__ import annotations
+
+import importlib
+
 from .version import __version__
 
-__all__ = [
-    "AdapterFormatError",
-    "AdapterIntegrityError",
-    "AdapterNotCachedError",
-    "AdapterRepoNotFoundError",
-    "AdapterRevisionNotFoundError",
-    "AdapterState",
-    "AdapterStateError",
-    "BaseModelError",
-    "HubAuthError",
-    "HubConnectionError",
-    "HubError",
-    "HubPushError",
-    "InvalidConfigError",
-    "LayoutMismatchError",
-    "Projection",
-    "UniLoraAdapter",
-    "UniLoraAutoModel",
-    "UniLoraConfig",
-    "UniLoraError",
-    "UniLoraLinear",
-    "UniLoraTrainer",
-    "UnsafeAdapterError",
-    "__version__",
-    "export_lora",
-    "gather_adapter_state",
-    "get_adapter",
-    "has_adapter",
-    "inject_adapter",
-    "load_adapter",
-    "load_adapter_state",
-    "push_adapter",
-    "read_adapter",
-    "save_adapter",
-]
-
-# trl is optional: the SFT trainer is imported on first use (module __getattr__), never at package import.
-_LAZY = {"UniLoraSFTMixin": "sft_trainer", "UniLoraSFTTrainer": "sft_trainer"}
+# public name -> module that defines it
+_EXPORTS = {
+    "UniLoraAutoModel": "auto",
+    "UniLoraConfig": "config",
+    "gather_adapter_state": "distributed",
+    "load_adapter_state": "distributed",
+    "AdapterFormatError": "errors",
+    "AdapterIntegrityError": "errors",
+    "AdapterStateError": "errors",
+    "BaseModelError": "errors",
+    "HubAuthError": "errors",
+    "HubConnectionError": "errors",
+    "HubError": "errors",
+    "HubPushError": "errors",
+    "InvalidArgumentError": "errors",
+    "InvalidConfigError": "errors",
+    "LayoutMismatchError": "errors",
+    "MissingDependencyError": "errors",
+    "SaveError": "errors",
+    "UniLoraError": "errors",
+    "UnsafeAdapterError": "errors",
+    "AdapterNotCachedError": "hub",
+    "AdapterRepoNotFoundError": "hub",
+    "AdapterRevisionNotFoundError": "hub",
+    "load_adapter": "loading",
+    "UniLoraLinear": "layer",
+    "UniLoraAdapter": "model",
+    "get_adapter": "model",
+    "has_adapter": "model",
+    "inject_adapter": "model",
+    "export_lora": "peft_export",
+    "Projection": "projection",
+    "push_adapter": "push",
+    "AdapterState": "serialization",
+    "read_adapter": "serialization",
+    "save_adapter": "serialization",
+    "UniLoraTrainer": "trainer",
+    "UniLoraSFTMixin": "sft_trainer",  # needs trl
+    "UniLoraSFTTrainer": "sft_trainer",  # needs trl
+}
+_NEEDS_TRL = ("UniLoraSFTMixin", "UniLoraSFTTrainer")
 
 
 def _has_trl() -> bool:
@@ -71,13 +65,19 @@ def _has_trl() -> bool:
         return False
 
 
+__all__ = sorted(n for n in _EXPORTS if n not in _NEEDS_TRL) + ["__version__"]
 if _has_trl():  # so that `from unilora_hf import *` works without trl
-    __all__ += sorted(_LAZY)
+    __all__ += sorted(_NEEDS_TRL)
 
 
 def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
 
-        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

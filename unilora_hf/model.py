@@ -145,6 +145,7 @@ class UniLoraAdapter:
         self._projection = projection
         self.head_names = list(heads or [])
         self.enabled = True
+        self.detached = False
         self.base_model_revision = None
         self._slot = {spec.offset: i for i, spec in enumerate(layers)}
         self._split_sizes = [n for spec in layers for n in spec.split_sizes]
@@ -337,6 +338,7 @@ class UniLoraAdapter:
     def disabled(self):
         """Run the base model alone inside this context: no LoRA product, the original heads, the base's own
         biases (an unmerged adapter only)."""
+        self._require_attached("disabled")
         if any(m.merged for _, m in self.wrapped_layers()):
             raise AdapterStateError("the adapter is merged into the weights; unmerge() before disabling it")
         if not self.enabled:
@@ -361,6 +363,7 @@ class UniLoraAdapter:
         dtype). Refuses a θ_d with NaN/inf before touching any weight. A weight that another module shares
         (an output head tied to the input embeddings) is not written: the layer gets its own merged copy,
         and `unmerge` gives the shared one back."""
+        self._require_attached("merge")
         if not torch.isfinite(self.theta_d.detach()).all():
             bad = (~torch.isfinite(self.theta_d.detach())).sum().item()
             raise AdapterIntegrityError(
@@ -417,6 +420,7 @@ class UniLoraAdapter:
     def unmerge(self) -> None:
         """Subtract ΔW again (exact up to the rounding of the weight's dtype; a shared weight comes back
         exactly, as it was never written)."""
+        self._require_attached("unmerge")
         if not any(layer.merged for _, layer in self.wrapped_layers()):
             return
         theta_D = self._theta_D_now()
@@ -429,6 +433,7 @@ class UniLoraAdapter:
         ``requires_grad`` flags come back exactly. With ``merge``: ΔW stays in the weights, the trained heads
         and biases stay in place (a weight that was tied to another module stays untied, and the config no
         longer asks to tie them)."""
+        self._require_attached("unload")
         if not self.enabled:
             raise AdapterStateError("unload() inside the disabled() block: leave the block first")
         if merge:
@@ -456,6 +461,8 @@ class UniLoraAdapter:
         return model
 
     def _detach(self, restore_flags: bool) -> None:
+        from . import peft_api
+
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
@@ -463,9 +470,18 @@ class UniLoraAdapter:
         if THETA_NAME in self.model._parameters:
             delattr(self.model, THETA_NAME)
         self.model.__dict__.pop("unilora_adapter", None)
+        peft_api.uninstall(self.model)
+        self.detached = True
         if restore_flags:
             for param, flag in self._requires_grad_before:
                 param.requires_grad_(flag)
+
+    def _require_attached(self, operation: str) -> None:
+        if self.detached:
+            raise AdapterStateError(
+                f"{operation}() on an adapter that was unloaded: the model no longer carries it. Load it again "
+                "(unilora_hf.load_adapter(model, folder)) or keep the adapter attached until you are done"
+            )
 
     def merge_and_unload(self) -> nn.Module:
         return self.unload(merge=True)
@@ -475,6 +491,7 @@ class UniLoraAdapter:
         """Write the adapter files (config JSON + one safetensors file); returns the paths written."""
         from .serialization import save_adapter
 
+        self._require_attached("save_adapter")
         return save_adapter(self, save_directory, **kwargs)
 
     def lora_weights(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -581,7 +598,13 @@ def inject_adapter(model: nn.Module, config: UniLoraConfig, theta_d: torch.Tenso
             adapter._bias_originals[name] = param.detach().clone()
             param.requires_grad_(True)
         getattr(model, THETA_NAME).requires_grad_(True)
+        from . import peft_api
+
+        peft_api.install(model)
     except BaseException:
         undo.run()
+        from . import peft_api
+
+        peft_api.uninstall(model)
         raise
     return adapter

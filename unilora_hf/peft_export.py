@@ -18,7 +18,7 @@ import torch
 
 from .model import UniLoraAdapter, get_adapter
 from .serialization import (
-    PEFT_CONFIG_NAME, PEFT_PREFIX, PEFT_WEIGHTS_NAME, files_to_replace, _safetensors_bytes, adapter_metadata,
+    EXPORT_SOURCE, PEFT_CONFIG_NAME, PEFT_PREFIX, PEFT_WEIGHTS_NAME, files_to_replace, _safetensors_bytes, adapter_metadata,
     peft_tensor_name, write_folder,
 )
 
@@ -34,9 +34,16 @@ def _lora_targets(adapter: UniLoraAdapter) -> list[str]:
     return suffixes if same_suffix == set(adapted) else adapted
 
 
-def export_lora(model_or_adapter, save_directory: str | os.PathLike, dtype: torch.dtype = torch.float32) -> list[str]:
+def export_lora(model_or_adapter, save_directory: str | os.PathLike, dtype: torch.dtype = torch.float32,
+                companion: bool = False) -> list[str]:
     """Write a PEFT LoRA adapter (``adapter_config.json`` + ``adapter_model.safetensors``) equal in output
-    to the Uni-LoRA adapter on ``model_or_adapter``; returns the paths written (atomically, as `save_adapter`)."""
+    to the Uni-LoRA adapter on ``model_or_adapter``; returns the paths written (atomically, as `save_adapter`).
+
+    ``companion=True`` writes it beside the native adapter just saved in ``save_directory`` (the trainers do
+    this in their output folder): transformers' own adapter loading then loads the folder
+    (``AutoModelFor....from_pretrained(folder)``: the base recorded in the config plus this LoRA adapter, the same
+    function), while unilora_hf still reads the Uni-LoRA adapter there, the companion being tied to it by the
+    adapter's digest and checksum."""
     adapter = model_or_adapter if isinstance(model_or_adapter, UniLoraAdapter) else get_adapter(model_or_adapter)
     meta = adapter_metadata(adapter)
     adapted = {spec.name for spec in adapter.layers}
@@ -65,11 +72,18 @@ def export_lora(model_or_adapter, save_directory: str | os.PathLike, dtype: torc
         "inference_mode": True,
     }
     out = Path(save_directory)
-    replaced = files_to_replace(out, "export")
-    source = json.dumps({"projection_spec": meta["projection_spec"], "fingerprint": meta["layout"]["fingerprint"]})
+    replaced = files_to_replace(out, "companion" if companion else "export")
+    source_record = {"projection_spec": meta["projection_spec"], "fingerprint": meta["layout"]["fingerprint"]}
+    if companion:
+        from .safe_io import UntrustedFolder, read_safetensors_head
+        from .serialization import META_CHECKSUM, META_DIGEST, WEIGHTS_NAME
+
+        native = read_safetensors_head(UntrustedFolder(out), WEIGHTS_NAME).get("__metadata__") or {}
+        source_record.update(digest=native.get(META_DIGEST), checksum=native.get(META_CHECKSUM))
+    source = json.dumps(source_record)
     files = {
         PEFT_CONFIG_NAME: (json.dumps(config, indent=2, sort_keys=True) + "\n").encode(),
-        PEFT_WEIGHTS_NAME: _safetensors_bytes(tensors, {"format": "pt", "unilora_hf_source": source,
+        PEFT_WEIGHTS_NAME: _safetensors_bytes(tensors, {"format": "pt", EXPORT_SOURCE: source,
                                                         "unilora_hf.version": meta["library_version"]}),
     }
     write_folder(out, files, remove=replaced)

@@ -14,10 +14,10 @@ from importlib import metadata, resources
 from pathlib import Path
 from typing import Any
 
-from .errors import AdapterFormatError, HubAuthError, HubConnectionError, HubError, HubPushError, InvalidConfigError
+from .errors import HubAuthError, HubConnectionError, HubError, HubPushError, InvalidConfigError
 from .projection import PEFT
 from .serialization import (
-    CONFIG_NAME, PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, WEIGHTS_NAME, AdapterFiles, read_adapter,
+    CONFIG_NAME, PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, WEIGHTS_NAME, AdapterFiles, publishable, read_adapter,
 )
 
 CARD_MARKER = "library_name: unilora_hf"
@@ -96,39 +96,62 @@ def loss_svg(history: list[tuple[int, float]], width: int = 480, height: int = 2
     )
 
 
+def _as_list(value) -> list[str]:
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else [str(v) for v in value]
+
+
 def render_card(files: AdapterFiles, repo_id: str, training_summary: dict | None = None,
                 base_params: int | None = None, license: str | None = None,
-                datasets: list[str] | None = None, adapter_bytes: int | None = None) -> str:
-    """The README.md of an adapter repo, rendered from hub_templates/adapter_card.md."""
+                datasets: list[str] | None = None, adapter_bytes: int | None = None,
+                card_data: dict[str, Any] | None = None, model_name: str | None = None) -> str:
+    """The README.md of an adapter repo, rendered from hub_templates/adapter_card.md.
+
+    ``card_data``: the keywords of ``Trainer.push_to_hub`` / ``create_model_card`` and trl's (``language``,
+    ``license``, ``tags``, ``finetuned_from``, ``tasks``, ``dataset_tags``, ``dataset``, ``dataset_args``,
+    ``dataset_name``), which land in the card's metadata as they do in Trainer's cards."""
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-    cfg, meta, base = files.config, files.meta, files.base_model
+    extra = dict(card_data or {})
+    cfg, meta, base = files.config, files.meta, files.base
     summary = training_summary or {}
-    base_id = base.get("name_or_path")
+    license = license or extra.get("license")
+    datasets = list(dict.fromkeys(_as_list(datasets) + _as_list(extra.get("dataset_tags"))
+                                  + _as_list(extra.get("dataset")) + _as_list(extra.get("dataset_name")))) or None
+    base_id = base.name_or_path
     hub_base = str(base_id) if base_id and _is_hub_id(str(base_id)) else None
+    if hub_base is None and extra.get("finetuned_from") and _is_hub_id(str(extra["finetuned_from"])):
+        hub_base = str(extra["finetuned_from"])
     # A base that was a local folder cannot be named in a published snippet: show a placeholder path.
-    local_name = Path(str(base_id)).name if base_id and not hub_base else None
+    local_name = base.local_name or (Path(str(base_id)).name if base_id and not hub_base else None)
     base_repr = repr(hub_base or (f"path/to/{local_name}" if local_name else "BASE_MODEL_ID"))
-    auto_class = base.get("auto_class") or "AutoModel"
-    pipeline = PIPELINE_TAGS.get(auto_class)
+    auto_class = base.auto_class or "AutoModel"
+    tasks = _as_list(extra.get("tasks"))
+    pipeline = PIPELINE_TAGS.get(auto_class) if auto_class != "AutoModel" or not tasks else None
+    pipeline = pipeline or (tasks[0] if tasks else PIPELINE_TAGS.get(auto_class))
     metrics = summary.get("metrics") or {}
     eval_results = [
         EvalResult(task_type=pipeline or "other", dataset_type=(datasets or ["custom"])[0],
-                   dataset_name=(datasets or ["custom"])[0], metric_type=k.removeprefix("eval_"), metric_value=v)
+                   dataset_name=(datasets or ["custom"])[0], metric_type=k.removeprefix("eval_"), metric_value=v,
+                   dataset_args=(_as_list(extra.get("dataset_args")) or [None])[0])
         for k, v in metrics.items() if isinstance(v, (int, float)) and k not in ("eval_runtime", "epoch")
         and not k.endswith(("_per_second", "_runtime"))
     ]
     tags = ["unilora", "uni-lora", "lora", "adapter"] + (["peft"] if cfg.projection == PEFT else [])
-    card_data = ModelCardData(
+    tags += [t for t in _as_list(extra.get("tags")) + tasks[1:] if t not in tags]
+    title = model_name or extra.get("model_name") or repo_id.split("/")[-1]
+    data = ModelCardData(
         base_model=hub_base, library_name="unilora_hf", pipeline_tag=pipeline, tags=tags,
-        license=license, datasets=datasets, eval_results=eval_results or None,
-        model_name=repo_id.split("/")[-1], base_model_relation="adapter" if hub_base else None,
+        license=license, datasets=datasets, eval_results=eval_results or None, language=extra.get("language"),
+        model_name=title, base_model_relation="adapter" if hub_base else None,
     )
     trainable = cfg.theta_d_length + sum(t.numel() for t in files.tensors.values())
     targets = cfg.target_modules if cfg.target_modules is not None else "architecture default"
     card = ModelCard.from_template(
-        card_data, template_path=str(template_path()),
-        model_name=repo_id.split("/")[-1], base_model=hub_base, base_model_repr=base_repr, base_local_name=local_name,
+        data, template_path=str(template_path()),
+        model_name=title, base_model=hub_base, base_model_repr=base_repr, base_local_name=local_name,
+        base_model_type=base.model_type,
         repo_id_repr=repr(repo_id), repo_id_plain=repo_id, peft_loadable=cfg.projection == PEFT,
         auto_class=auto_class, r=cfg.r, theta_d_length=cfg.theta_d_length, D=meta.get("D", 0),
         projection=cfg.projection, projection_spec=meta.get("projection_spec", "peft-0.21"),
@@ -179,17 +202,35 @@ def _push_error(exc: Exception, repo_id: str, token, endpoint, doing: str = "pus
     return HubPushError(f"{doing} {repo_id} failed ({type(exc).__name__}: {' '.join(str(exc).split())[:300]})")
 
 
+NEVER_PUSHED = ("training_args.bin",)
+
+
+def _staged(contents: dict[str, bytes], folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, data in contents.items():
+        (folder / name).write_bytes(data)
+    return folder
+
+
 def push_adapter(model_or_folder, repo_id: str, *, private: bool | None = None, token: str | None = None,
                  revision: str | None = None, commit_message: str | None = None, create_pr: bool = False,
                  endpoint: str | None = None, training_summary: dict[str, Any] | None = None,
                  model=None, overwrite_card: bool = False, license: str | None = None,
-                 datasets: list[str] | None = None) -> str:
+                 datasets: list[str] | None = None, card_data: dict[str, Any] | None = None,
+                 extra_folders: dict[str, str | os.PathLike] | None = None,
+                 base_model_name_or_path: str | None = None) -> str:
     """Upload an adapter (a model carrying one, or a saved folder) to ``repo_id`` in one commit.
 
     A bare name resolves to the token's user namespace first. Creates the repo if needed. Uploads the
     adapter config and safetensors file, README.md (rendered from the template unless the repo already has
     a README that is not ours and ``overwrite_card`` is False) and, when ``training_summary`` has a loss
     history, ``training_loss.svg``. Returns the commit URL (the pull-request URL with ``create_pr=True``).
+
+    A base model recorded as a local folder is never published: the pushed config names
+    ``base_model_name_or_path`` (a Hub id) instead, or no base (with the folder's name as ``local_name``).
+    ``card_data``: Trainer's / trl's card keywords (see `render_card`). ``extra_folders``: folders to upload in
+    the same commit under the given paths (a trainer's checkpoint as ``last-checkpoint``), without
+    ``training_args.bin``.
 
     A failed push leaves nothing behind: a Hub commit is all or nothing, and a repo this push created is
     deleted again. Errors: HubAuthError (token missing, wrong or without write access), HubConnectionError
@@ -211,25 +252,29 @@ def push_adapter(model_or_folder, repo_id: str, *, private: bool | None = None, 
             model = model_or_folder if model is None else model
             get_adapter(model_or_folder).save_adapter(tmp)
             folder = Path(tmp)
-        files = read_adapter(folder)
-        names = [n for n in (CONFIG_NAME, WEIGHTS_NAME, PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME) if (folder / n).is_file()]
-        if len(names) != 2:
-            raise AdapterFormatError(f"{folder} must hold exactly one adapter (config + weights); found {names}")
+        files = read_adapter(folder)  # refuses a folder with two adapters (a LoRA export beside its adapter is fine)
+        names = (CONFIG_NAME, WEIGHTS_NAME) if files.format == "native" else (PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME)
         base_params = base_parameter_count(model) if model is not None else None
+        contents = publishable(folder, files, base_model_name_or_path)
+        files = read_adapter(_staged(contents, Path(tmp) / "publish"))
         repo_id = resolve_repo_id(api, repo_id, token)
         created = False
         try:
             if not api.repo_exists(repo_id, token=token):
                 api.create_repo(repo_id, private=private, exist_ok=True, token=token)
                 created = True
-            ops = [CommitOperationAdd(path_in_repo=n, path_or_fileobj=str(folder / n)) for n in names]
+            ops = [CommitOperationAdd(path_in_repo=n, path_or_fileobj=data) for n, data in contents.items()]
+            for prefix, extra in (extra_folders or {}).items():
+                for path in sorted(Path(extra).iterdir()):
+                    if path.is_file() and path.name not in NEVER_PUSHED:
+                        ops.append(CommitOperationAdd(path_in_repo=f"{prefix}/{path.name}", path_or_fileobj=str(path)))
             keep_readme = False
             if not overwrite_card and api.file_exists(repo_id, "README.md", revision=revision, token=token):
                 existing = Path(api.hf_hub_download(repo_id, "README.md", revision=revision, token=token)).read_text()
                 keep_readme = CARD_MARKER not in existing
             if not keep_readme:
                 card = render_card(files, repo_id, training_summary, base_params, license, datasets,
-                                   adapter_bytes=(folder / names[1]).stat().st_size)
+                                   adapter_bytes=len(contents[names[1]]), card_data=card_data)
                 ops.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode()))
                 history = (training_summary or {}).get("loss_history")
                 if history:

@@ -79,7 +79,11 @@ class UntrustedFolder:
             return False
         return not stat.S_ISDIR(st.st_mode)
 
-    def read(self, name: str, max_bytes: int) -> bytes:
+    def read_prefix(self, name: str, count: int) -> bytes:
+        """The first ``count`` bytes (or fewer) of the regular file ``name``, with the checks of `read`."""
+        return self.read(name, max_bytes=None, prefix=count)
+
+    def read(self, name: str, max_bytes: int | None, prefix: int | None = None) -> bytes:
         """The bytes of the regular file ``name``. Refuses (UnsafeAdapterError) a link leading out of the
         allowed roots, a FIFO, socket or device; refuses (AdapterFormatError) a file over ``max_bytes``."""
         shown = self.path / name
@@ -111,6 +115,8 @@ class UntrustedFolder:
                 kind = ("a FIFO" if stat.S_ISFIFO(st.st_mode) else "a device" if stat.S_ISCHR(st.st_mode)
                         or stat.S_ISBLK(st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode) else "not a file")
                 raise UnsafeAdapterError(f"{shown} is {kind}, not a regular file; an adapter file must be a plain file")
+            if prefix is not None:
+                return os.read(fd, prefix)
             if st.st_size > max_bytes:
                 raise AdapterFormatError(
                     f"{shown} is {st.st_size:,} bytes, more than the {max_bytes:,} such a file can need; it is not "
@@ -128,6 +134,20 @@ class UntrustedFolder:
             return b"".join(chunks)
         finally:
             os.close(fd)
+
+
+def read_safetensors_head(folder: "UntrustedFolder", name: str) -> dict:
+    """The header (JSON) of the safetensors file ``name`` in ``folder``, read without its tensors."""
+    data = folder.read_prefix(name, MAX_SAFETENSORS_HEADER + 8)
+    if len(data) < 8:
+        raise AdapterFormatError(f"{folder.path / name} is too short for a safetensors file")
+    n = int.from_bytes(data[:8], "little")
+    if n > MAX_SAFETENSORS_HEADER or 8 + n > len(data):
+        raise AdapterFormatError(f"{folder.path / name} has a header length that does not fit; it is corrupt")
+    header = parse_json(data[8 : 8 + n], f"the header of {folder.path / name}", max_depth=4)
+    if not isinstance(header, dict):
+        raise AdapterFormatError(f"the header of {folder.path / name} is not a JSON object")
+    return header
 
 
 def _json_depth_ok(text: str, limit: int) -> bool:

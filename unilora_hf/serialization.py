@@ -51,7 +51,8 @@ from .errors import (
 )
 from .projection import NATIVE, PEFT, SPEC_VERSIONS
 from .safe_io import (
-    MAX_JSON_BYTES, TensorEntry, UntrustedFolder, build_tensor, parse_json, parse_safetensors_header, tensor_bytes,
+    MAX_JSON_BYTES, TensorEntry, UntrustedFolder, build_tensor, parse_json, parse_safetensors_header,
+    read_safetensors_head, tensor_bytes,
 )
 from .version import __version__
 
@@ -73,6 +74,7 @@ META_FORMAT = "unilora_hf.format_version"
 META_DIGEST = "unilora_hf.digest"
 META_CHECKSUM = "unilora_hf.checksum"
 META_RECORD = "unilora_hf.meta"
+EXPORT_SOURCE = "unilora_hf_source"
 THETA_DTYPES = ("F32", "F16", "BF16")
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 BUFFER_DTYPES = ("I64", "I32", "I16", "I8", "U8", "BOOL")
@@ -119,16 +121,26 @@ class BaseRecord:
     auto_class: str | None = None
     model_type: str | None = None
     config_overrides: dict[str, Any] = field(default_factory=dict)
+    local_name: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"name_or_path": self.name_or_path, "revision": self.revision, "auto_class": self.auto_class,
-                "model_type": self.model_type, "config_overrides": self.config_overrides}
+        out = {"name_or_path": self.name_or_path, "revision": self.revision, "auto_class": self.auto_class,
+               "model_type": self.model_type, "config_overrides": self.config_overrides}
+        if self.local_name is not None:
+            out["local_name"] = self.local_name
+        return out
+
+    @property
+    def is_local(self) -> bool:
+        """Whether ``name_or_path`` is a path on this machine rather than a Hub id."""
+        return is_local_path(self.name_or_path)
 
     @classmethod
     def from_json(cls, data: Any, where: str) -> "BaseRecord":
         if not isinstance(data, dict):
             raise AdapterFormatError(f"{where}: base_model must be a JSON object, got {type(data).__name__}")
-        unknown = sorted(set(data) - {"name_or_path", "revision", "auto_class", "model_type", "config_overrides"})
+        unknown = sorted(set(data) - {"name_or_path", "revision", "auto_class", "model_type", "config_overrides",
+                                      "local_name"})
         if unknown:
             raise AdapterFormatError(f"{where}: base_model holds unknown field(s) {[str(u)[:50] for u in unknown]}")
 
@@ -145,7 +157,43 @@ class BaseRecord:
                 f"unilora_hf builds ({', '.join(AUTO_CLASSES)})"
             )
         return cls(text("name_or_path", 1000), text("revision", 200), auto_class, text("model_type", 100),
-                   check_overrides(data.get("config_overrides") or {}, where))
+                   check_overrides(data.get("config_overrides") or {}, where), text("local_name", 200))
+
+
+def is_local_path(name: str | None) -> bool:
+    """Whether ``name`` names a local folder (absolute, relative with ./ ../ ~, or existing) rather than a Hub id."""
+    if not name:
+        return False
+    return (os.path.isabs(name) or name.startswith((".", "~")) or os.path.isdir(name) or name.count("/") > 1
+            or "\\" in name)
+
+
+def hub_id_of_cache_path(path: str) -> tuple[str, str] | None:
+    """(repo id, commit) when ``path`` is a snapshot folder of the huggingface_hub cache
+    (``.../models--org--name/snapshots/<sha>``), else None."""
+    parts = os.path.normpath(os.path.abspath(path)).split(os.sep)
+    if len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith("models--"):
+        return parts[-3][len("models--"):].replace("--", "/"), parts[-1]
+    return None
+
+
+def base_identity(cfg, base_model_name_or_path: str | None, revision: str | None) -> tuple[str | None, str | None,
+                                                                                          str | None]:
+    """(name_or_path, revision, local_name) to record for the base: the name the user set, else the Hub id and
+    commit when the base came from the Hub or its cache, else the local folder's absolute path (kept in local
+    saves only; `publishable` drops it) and its folder name."""
+    if base_model_name_or_path:
+        return base_model_name_or_path, revision, None
+    name = getattr(cfg, "_name_or_path", None) or None
+    commit = revision or getattr(cfg, "_commit_hash", None)
+    if not name:
+        return None, commit, None
+    if is_local_path(name):
+        hub = hub_id_of_cache_path(name)
+        if hub is not None:
+            return hub[0], revision or hub[1], None
+        return os.path.abspath(os.path.expanduser(name)), None, os.path.basename(os.path.normpath(name))
+    return name, commit, None
 
 
 def check_overrides(overrides: Any, where: str) -> dict[str, Any]:
@@ -209,6 +257,7 @@ class AdapterFiles:
     peft_base_weights: dict[str, torch.Tensor] = field(default_factory=dict)
     stored_indices: dict[str, torch.Tensor] = field(default_factory=dict)
     sizes: dict[str, int] = field(default_factory=dict)
+    header_meta: dict[str, str] = field(default_factory=dict)
 
     @property
     def source(self) -> str:
@@ -298,11 +347,10 @@ def adapter_metadata(adapter, base_model_name_or_path: str | None = None, revisi
         for key in ("id2label", "label2id"):
             if key in overrides:
                 overrides[key] = {str(k): v for k, v in overrides[key].items()}
-    base = BaseRecord(
-        name_or_path=base_model_name_or_path or getattr(cfg, "_name_or_path", None) or None,
-        revision=revision or adapter.base_model_revision or getattr(cfg, "_commit_hash", None),
-        auto_class=auto, model_type=getattr(cfg, "model_type", None), config_overrides=overrides,
-    )
+    name, rev, local = base_identity(cfg, base_model_name_or_path or getattr(adapter, "base_model_name_or_path", None),
+                                     revision or adapter.base_model_revision)
+    base = BaseRecord(name_or_path=name, revision=rev, auto_class=auto, model_type=getattr(cfg, "model_type", None),
+                      config_overrides=overrides, local_name=local)
     return {
         "library": "unilora_hf",
         "format_version": FORMAT_VERSION,
@@ -404,27 +452,33 @@ def _peft_files_kind(folder: Path) -> str:
         return "foreign"
     if peft_type == "UNILORA" and (META_VERSION in meta or "unilora_hf" in meta):
         return "unilora"
-    if peft_type == "LORA" and "unilora_hf_source" in meta:
+    if peft_type == "LORA" and EXPORT_SOURCE in meta:
         return "export"
     return "foreign"
 
 
 def files_to_replace(out: Path, writing: str) -> set[str]:
-    """The adapter files of another format in ``out`` that writing ``writing`` (``"native"``, ``"peft"`` or
-    ``"export"``) replaces: only an earlier Uni-LoRA adapter of unilora_hf's. Anything else that would end up
-    beside the new adapter, or be overwritten by it, is refused (AdapterFormatError naming it and the fix)."""
+    """The adapter files of another format in ``out`` that writing ``writing`` replaces: an earlier Uni-LoRA
+    adapter of unilora_hf's, or the LoRA export written beside a native one (a stale companion). ``writing``:
+    ``"native"``, ``"peft"``, ``"export"`` (a LoRA export into its own folder) or ``"companion"`` (a LoRA export
+    beside the native adapter in ``out``). Anything else that would end up beside the new adapter, or be
+    overwritten by it, is refused (AdapterFormatError naming it and the fix)."""
     if not out.is_dir():
         return set()
     native = [n for n in (CONFIG_NAME, WEIGHTS_NAME) if os.path.lexists(out / n)]
     peft = [n for n in (PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME) if os.path.lexists(out / n)]
     kind = _peft_files_kind(out) if peft else None
-    refuse = None
-    if writing == "export":
-        if native:
-            refuse = f"a unilora_hf adapter ({', '.join(native)}): the export would put a second adapter beside it"
-        elif peft and kind != "export":
-            refuse = f"another adapter ({', '.join(peft)}): the export would overwrite it"
-        return _refuse(out, refuse) if refuse else set()
+    if writing in ("export", "companion"):
+        if writing == "export" and native:
+            return _refuse(out, f"a unilora_hf adapter ({', '.join(native)}): the export would put a second adapter "
+                                "beside it")
+        if writing == "companion" and not native:
+            return _refuse(out, "no unilora_hf adapter for a LoRA export to accompany")
+        if peft and kind != "export":
+            return _refuse(out, f"another adapter ({', '.join(peft)}): the export would overwrite it")
+        return set()
+    if peft and kind == "export" and native:
+        return set(peft) if writing == "native" else set(native)  # the companion of the adapter being replaced
     if peft and kind != "unilora":
         what = "a LoRA adapter exported by unilora_hf" if kind == "export" else "another library's adapter"
         return _refuse(out, f"{what} ({', '.join(peft)}), which saving a Uni-LoRA adapter here would "
@@ -602,6 +656,48 @@ def with_suppress_unlink(path: Path) -> None:
         pass
 
 
+def _with_metadata(data: bytes, metadata: dict[str, str]) -> bytes:
+    """The safetensors file ``data`` with its ``__metadata__`` replaced (tensors and their bytes unchanged)."""
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    header["__metadata__"] = metadata
+    body = json.dumps(header, separators=(",", ":")).encode()
+    body += b" " * (-len(body) % 8)  # keep the data section 8-byte aligned, as safetensors writes it
+    return len(body).to_bytes(8, "little") + body + data[8 + n :]
+
+
+def publishable(folder: Path, files: AdapterFiles, base_model_name_or_path: str | None = None) -> dict[str, bytes]:
+    """The bytes of the two adapter files of ``folder`` as they may be published: a base model recorded as a local
+    path is replaced by ``base_model_name_or_path`` (a Hub id) or dropped (its folder name is kept as
+    ``local_name``); nothing else changes (neither is covered by the digest, so the files still verify)."""
+    base = files.base
+    name, revision = base.name_or_path, base.revision
+    if base_model_name_or_path:
+        name, revision = base_model_name_or_path, (revision if not base.is_local else None)
+    elif base.is_local:
+        name, revision = None, None
+    record = BaseRecord(name, revision, base.auto_class, base.model_type, base.config_overrides,
+                        base.local_name or (os.path.basename(os.path.normpath(base.name_or_path))
+                                            if base.is_local else None))
+    if files.format == NATIVE:
+        config = json.loads((folder / CONFIG_NAME).read_text())
+        config["base_model"] = record.to_json()
+        return {CONFIG_NAME: (json.dumps(config, indent=2) + "\n").encode(),
+                WEIGHTS_NAME: (folder / WEIGHTS_NAME).read_bytes()}
+    config = json.loads((folder / PEFT_CONFIG_NAME).read_text())
+    config["base_model_name_or_path"], config["revision"] = record.name_or_path, record.revision
+    weights = (folder / PEFT_WEIGHTS_NAME).read_bytes()
+    n = int.from_bytes(weights[:8], "little")
+    meta = json.loads(weights[8 : 8 + n]).get("__metadata__") or {}
+    if META_RECORD in meta:
+        inner = json.loads(meta[META_RECORD])
+        inner["base_model"] = record.to_json()
+        meta[META_RECORD] = json.dumps(inner, sort_keys=True)
+        weights = _with_metadata(weights, meta)
+    return {PEFT_CONFIG_NAME: (json.dumps(config, indent=2, sort_keys=True) + "\n").encode(),
+            PEFT_WEIGHTS_NAME: weights}
+
+
 # -- reading ---------------------------------------------------------------------------------------------
 def _refuse_pickle(folder: Path, names: set[str]) -> None:
     pickles = sorted(n for n in names if n in PICKLE_NAMES or n.endswith((".bin", ".pt", ".pth", ".ckpt")))
@@ -638,10 +734,28 @@ def read_adapter(folder: str | os.PathLike | UntrustedFolder, extra_roots: tuple
         ) from None
 
 
+def _is_companion(uf: UntrustedFolder, header_meta: dict[str, str]) -> bool:
+    """Whether the PEFT-format files beside a native adapter are its LoRA export (`export_lora(...,
+    companion=True)`, written so that transformers' own adapter loading can load the folder): a LoRA adapter
+    whose recorded source digest and checksum are the native adapter's."""
+    try:
+        config = parse_json(uf.read(PEFT_CONFIG_NAME, MAX_JSON_BYTES), str(uf.path / PEFT_CONFIG_NAME))
+        meta = read_safetensors_head(uf, PEFT_WEIGHTS_NAME).get("__metadata__") or {}
+        source = json.loads(meta.get(EXPORT_SOURCE, "{}"))
+    except (AdapterFormatError, ValueError, TypeError):
+        return False
+    return (isinstance(config, dict) and config.get("peft_type") == "LORA" and isinstance(source, dict)
+            and META_DIGEST in header_meta and source.get("digest") == header_meta.get(META_DIGEST)
+            and source.get("checksum") == header_meta.get(META_CHECKSUM))
+
+
 def _read(uf: UntrustedFolder) -> AdapterFiles:
     names = uf.names()
     native, peft = CONFIG_NAME in names, PEFT_CONFIG_NAME in names
     if native and peft:
+        files = _read_native(uf, names)
+        if _is_companion(uf, files.header_meta):
+            return files
         raise AdapterFormatError(
             f"{uf.path} holds two adapters: a unilora_hf one ({CONFIG_NAME}, {WEIGHTS_NAME}) and a PEFT-format one "
             f"({PEFT_CONFIG_NAME}, {PEFT_WEIGHTS_NAME}); which one to load is ambiguous. Move one of them into its "
@@ -786,7 +900,7 @@ def _read_native(uf: UntrustedFolder, names: set[str]) -> AdapterFiles:
             raise AdapterFormatError(f"{wpath} holds an unexpected tensor {key[:100]!r}")
         tensors[key[len("model."):]] = _extra_tensor(blob, entry, start, key, wpath)
     return AdapterFiles(uf.path, NATIVE, "unilora_hf", config, theta, tensors, base, spec, D, layout, integrity,
-                        sizes={CONFIG_NAME: len(json.dumps(data)), WEIGHTS_NAME: len(blob)})
+                        sizes={CONFIG_NAME: len(json.dumps(data)), WEIGHTS_NAME: len(blob)}, header_meta=header)
 
 
 def _peft_config(data: dict, where: str) -> UniLoraConfig:

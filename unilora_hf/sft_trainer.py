@@ -24,8 +24,8 @@ from .config import UniLoraConfig
 from .errors import InvalidConfigError, MissingDependencyError
 from .layer import UniLoraLinear
 from .trainer import (
-    UniLoraTrainerMixin, attach, broadcast_theta_from_rank0, quant_method_of_config, quantized_base_accepted,
-    refuse_reentrant_under_ddp, upcast_trainable,
+    TrainableParametersCallback, UniLoraTrainerMixin, attach, broadcast_theta_from_rank0, quant_method_of_config,
+    quantized_base_accepted, refuse_reentrant_under_ddp, upcast_trainable,
 )
 
 try:
@@ -54,7 +54,8 @@ class UniLoraSFTMixin(UniLoraTrainerMixin):
         unilora_learning_rate: θ_d's learning rate (default: ``args.learning_rate``; the paper uses
             2e-3 for math and 8e-4 for instruction tuning of 7B models); heads use ``args.learning_rate``.
         unilora_weight_decay: θ_d's weight decay (default 0).
-        save_processing_class: also save the tokenizer and ``training_args.bin`` with the adapter.
+        save_processing_class: save the tokenizer with the adapter in the output folders (default True, as
+            SFTTrainer does); it is never pushed.
         hub_endpoint: the Hub URL for ``push_to_hub`` (default: huggingface_hub's, i.e. ``HF_ENDPOINT``).
 
     Raises:
@@ -67,7 +68,8 @@ class UniLoraSFTMixin(UniLoraTrainerMixin):
 
     def __init__(self, model, args=None, *pos, unilora_config: UniLoraConfig | None = None,
                  unilora_learning_rate: float | None = None, unilora_weight_decay: float = 0.0,
-                 save_processing_class: bool = False, hub_endpoint: str | None = None, **kwargs):
+                 save_processing_class: bool = True, hub_endpoint: str | None = None,
+                 base_model_name_or_path: str | None = None, export_lora_beside: bool = True, **kwargs):
         # Name every argument as SFTTrainer does, also under a subclass whose __init__ takes (*args, **kwargs);
         # keywords that only such a subclass knows pass through untouched.
         signature = inspect.signature(super().__init__)
@@ -79,8 +81,9 @@ class UniLoraSFTMixin(UniLoraTrainerMixin):
         if given.get("peft_config") is not None:
             both = " together with unilora_config" if unilora_config is not None else ""
             raise InvalidConfigError(
-                f"{type(self).__name__} got peft_config{both}: it trains a Uni-LoRA adapter, configured by "
-                "unilora_config=UniLoraConfig(...). Drop peft_config, or use trl.SFTTrainer for a PEFT adapter."
+                f"{type(self).__name__} got peft_config{both} (trl's --use_peft makes one): it trains a Uni-LoRA "
+                "adapter, configured by unilora_config=UniLoraConfig(...). Drop peft_config (run without --use_peft), "
+                "or use trl.SFTTrainer for a PEFT adapter."
             )
         if not _is_bnb_config(given.get("quantization_config")):
             raise InvalidConfigError(
@@ -102,13 +105,20 @@ class UniLoraSFTMixin(UniLoraTrainerMixin):
                 "processing_class.chat_template before creating the trainer."
             )
 
-        self._init_unilora(unilora_learning_rate, unilora_weight_decay, save_processing_class, hub_endpoint)
+        self._init_unilora(unilora_learning_rate, unilora_weight_decay, save_processing_class, hub_endpoint,
+                           base_model_name_or_path, export_lora_beside)
         # As SFTTrainer does: seed before the adapter is created, so θ_d's initial values are reproducible.
         set_seed(args.seed)
         # model_init_kwargs serve the load below; hidden from SFTTrainer, which would warn that they go unused.
         model_init_kwargs = getattr(args, "model_init_kwargs", None) if isinstance(model, str) else None
         if isinstance(model, str):
             model = given["model"] = self._load_model(model, args, given)
+        elif given.get("quantization_config") is not None:
+            raise InvalidConfigError(
+                "quantization_config applies when the trainer loads the model from its id; this model is already "
+                "loaded. Load it with quantization_config=BitsAndBytesConfig(...) yourself, or pass the model id."
+            )
+        given.pop("quantization_config", None)  # used by the load above: SFTTrainer would warn it is ignored
         attach(model, unilora_config)
         out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         if isinstance(out, UniLoraLinear):
@@ -133,6 +143,7 @@ class UniLoraSFTMixin(UniLoraTrainerMixin):
                 args.model_init_kwargs = model_init_kwargs
                 if getattr(self, "args", args) is not args:  # SFTTrainer made an SFTConfig of a TrainingArguments
                     self.args.model_init_kwargs = model_init_kwargs
+        self.add_callback(TrainableParametersCallback)
         refuse_reentrant_under_ddp(self)
         broadcast_theta_from_rank0(self)
 
@@ -142,6 +153,23 @@ class UniLoraSFTMixin(UniLoraTrainerMixin):
         loads them: ``args.model_init_kwargs``, ``dtype`` float32 unless set, ``device_map`` None on CPU and
         in distributed runs, ``trust_remote_code`` from ``args``."""
         init_kwargs = dict(getattr(args, "model_init_kwargs", None) or {})
+        quantization = given.get("quantization_config")
+        if quantization is not None:  # trl's sft.py passes --load_in_4bit / --load_in_8bit this way
+            if "quantization_config" in init_kwargs:
+                raise InvalidConfigError(
+                    "quantization_config was given both as a trainer argument and in args.model_init_kwargs; set it "
+                    "in one place"
+                )
+            init_kwargs["quantization_config"] = quantization
+        if init_kwargs.get("quantization_config") is not None:
+            import importlib.util
+
+            if importlib.util.find_spec("bitsandbytes") is None:
+                raise MissingDependencyError(
+                    "a 4-bit/8-bit base (--load_in_4bit / --load_in_8bit, a BitsAndBytesConfig) needs bitsandbytes, "
+                    "which is not installed: `pip install bitsandbytes` (on a machine with a CUDA GPU), or drop the "
+                    "quantization to train on a bf16/fp32 base"
+                )
         if not _is_bnb_config(init_kwargs.get("quantization_config")):
             raise InvalidConfigError(
                 "args.model_init_kwargs holds a quantization_config other than bitsandbytes; unilora_hf trains "
@@ -163,5 +191,6 @@ class UniLoraSFTMixin(UniLoraTrainerMixin):
 
 class UniLoraSFTTrainer(UniLoraSFTMixin, SFTTrainer):
     """``trl.SFTTrainer`` for Uni-LoRA: the same arguments plus ``unilora_config``,
-    ``unilora_learning_rate``, ``unilora_weight_decay``, ``save_processing_class`` and ``hub_endpoint``
+    ``unilora_learning_rate``, ``unilora_weight_decay``, ``save_processing_class``, ``hub_endpoint``,
+    ``base_model_name_or_path`` and ``export_lora_beside``
     (see `UniLoraSFTMixin`)."""

@@ -17,17 +17,22 @@ from __future__ import annotations
 
 import contextlib
 import os
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from transformers import Trainer, set_seed
+from transformers import Trainer, TrainerCallback, set_seed
+from transformers.utils import logging
 from transformers.trainer_pt_utils import get_parameter_names
 
 from .config import UniLoraConfig
 from .distributed import gather_adapter_state, load_adapter_state
-from .errors import AdapterFormatError, InvalidConfigError, LayoutMismatchError
+from .errors import AdapterFormatError, AdapterStateError, InvalidConfigError, LayoutMismatchError
 from .model import UniLoraAdapter, get_adapter, has_adapter, inject_adapter, unwrap
 from .serialization import AdapterState, read_adapter
+
+
+logger = logging.get_logger(__name__)
 
 
 def quant_method_of_config(config) -> str | None:
@@ -179,11 +184,15 @@ class UniLoraTrainerMixin:
     unilora_weight_decay: float
 
     def _init_unilora(self, unilora_learning_rate, unilora_weight_decay, save_processing_class,
-                      hub_endpoint=None) -> None:
+                      hub_endpoint=None, base_model_name_or_path=None, export_lora_beside=True) -> None:
         self.hub_endpoint = hub_endpoint
         self.unilora_learning_rate = unilora_learning_rate
         self.unilora_weight_decay = unilora_weight_decay
         self.save_processing_class = save_processing_class
+        self.base_model_name_or_path = base_model_name_or_path
+        self.export_lora_beside = export_lora_beside
+        self.evaluation_only = False
+        self._card_data: dict[str, Any] = {}
 
     @staticmethod
     def _wrap_model_init(model_init: Callable, unilora_config: UniLoraConfig | None) -> Callable:
@@ -221,6 +230,7 @@ class UniLoraTrainerMixin:
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Under FSDP: gather θ_d and the heads on every rank (never the frozen base model), write them from
         rank 0. Otherwise as ``Trainer.save_model``, whose ``_save`` writes the adapter."""
+        self._refuse_in_evaluation_only("save_model")
         if not getattr(self, "is_fsdp_enabled", False):
             return super().save_model(output_dir, _internal_call=_internal_call)
         output_dir = output_dir if output_dir is not None else self.args.output_dir
@@ -231,15 +241,24 @@ class UniLoraTrainerMixin:
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None,
               adapter_state: AdapterState | None = None) -> None:
-        """Write the adapter files (kilobytes) instead of the full model, on the process that saves."""
+        """Write the adapter files (kilobytes) instead of the full model, on the process that saves, with the
+        tokenizer (as Trainer saves it) and ``training_args.bin``, which stay local: pushes carry the adapter and
+        its card only. In the final output folder (``args.output_dir``), a native adapter also gets its LoRA export
+        beside it (``export_lora_beside``), so ``AutoModelFor....from_pretrained(output_dir)`` loads there too."""
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if not self.args.should_save:
             return
         os.makedirs(output_dir, exist_ok=True)
-        get_adapter(self.model).save_adapter(output_dir, state=adapter_state)
+        adapter = get_adapter(self.model)
+        adapter.save_adapter(output_dir, state=adapter_state, base_model_name_or_path=self.base_model_name_or_path)
+        final = os.path.abspath(output_dir) == os.path.abspath(self.args.output_dir)
+        if final and self.export_lora_beside and adapter.config.projection == "native" and adapter_state is None:
+            from .peft_export import export_lora
+
+            export_lora(adapter, output_dir, companion=True)
         if self.save_processing_class and self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
-            torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         """Under FSDP, Trainer would also write the whole base model next to the optimizer; keep the
@@ -258,61 +277,115 @@ class UniLoraTrainerMixin:
         load_adapter_weights(self.model if model is None else model, resume_from_checkpoint)
 
     def _load_best_model(self) -> None:
+        logger.info(f"Loading best model from {self.state.best_model_checkpoint} (score: {self.state.best_metric}).")
         load_adapter_weights(self.model, self.state.best_model_checkpoint)
 
-    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
-        if not self.is_world_process_zero() or self.args.hub_strategy == "end":
+    # -- the Hub -----------------------------------------------------------------------------------
+    def init_hf_repo(self, token: str | None = None, private: bool | None = None) -> None:
+        """Resolve the repo id (a bare ``hub_model_id`` or the output folder's name goes to the token owner's
+        namespace) and check the token, before training; the repo itself is created by the first push, which
+        deletes it again if that push fails."""
+        if not self.is_world_process_zero():
             return
-        step = self.state.global_step
-        self._push_adapter_folder(checkpoint_folder, f"Training in progress, step {step}")
+        from huggingface_hub import HfApi
+
+        from .push import resolve_repo_id
+
+        token = token if token is not None else self.args.hub_token
+        name = self.args.hub_model_id or Path(self.args.output_dir).absolute().name
+        self.hub_model_id = resolve_repo_id(HfApi(endpoint=self.hub_endpoint, token=token), name, token)
+        self.push_in_progress = None
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        """Push at a save, as ``hub_strategy`` asks: ``every_save`` the checkpoint's adapter (and card) to the
+        repo root; ``checkpoint`` also the checkpoint folder as ``last-checkpoint/`` (to resume from the Hub);
+        ``all_checkpoints`` each as ``checkpoint-N/``; ``end`` nothing until ``push_to_hub``. One commit each;
+        ``training_args.bin``, the tokenizer and the LoRA export never travel."""
+        strategy = str(getattr(self.args.hub_strategy, "value", self.args.hub_strategy))
+        if not self.is_world_process_zero() or strategy == "end":
+            return
+        if self.args.save_strategy in ("steps", getattr(type(self.args.save_strategy), "STEPS", "steps")):
+            message = f"Training in progress, step {self.state.global_step}"
+        else:
+            message = f"Training in progress, epoch {int(self.state.epoch or 0)}"
+        extra = None
+        if strategy in ("checkpoint", "all_checkpoints"):
+            extra = {"last-checkpoint" if strategy == "checkpoint" else Path(checkpoint_folder).name: checkpoint_folder}
+        self._push_adapter_folder(checkpoint_folder, message, extra_folders=extra)
 
     def push_to_hub(self, commit_message: str | None = "End of training", blocking: bool = True,
                     token: str | None = None, revision: str | None = None, private: bool | None = None,
-                    **card_kwargs) -> str | None:
-        """Upload the adapter repo (config, safetensors, model card) in one commit; returns the commit URL."""
+                    **kwargs) -> str | None:
+        """Save, then upload the adapter repo (config, safetensors, model card) in one commit; returns the commit
+        URL. Takes every keyword of ``Trainer.push_to_hub`` and trl's (``model_name``, ``language``, ``license``,
+        ``tags``, ``finetuned_from``, ``tasks``, ``dataset_tags``, ``dataset``, ``dataset_args``,
+        ``dataset_name``): they go into the card's metadata. With ``load_best_model_at_end`` the best adapter is
+        the one saved and pushed."""
+        self._refuse_in_evaluation_only("push_to_hub")
+        if self.hub_model_id is None:
+            self.init_hf_repo(token=token, private=private)
         self.save_model(self.args.output_dir, _internal_call=True)
         if not self.is_world_process_zero():
             return None
+        self.create_model_card(**kwargs)
         return self._push_adapter_folder(self.args.output_dir, commit_message, token=token, revision=revision,
-                                         private=private, **card_kwargs)
+                                         private=private, card_data=kwargs)
 
     def _push_adapter_folder(self, folder: str, commit_message: str | None, token: str | None = None,
-                             revision: str | None = None, private: bool | None = None, **card_kwargs) -> str:
+                             revision: str | None = None, private: bool | None = None,
+                             card_data: dict | None = None, extra_folders: dict | None = None) -> str:
         from .push import push_adapter
 
-        repo_id = self.args.hub_model_id or os.path.basename(os.path.abspath(self.args.output_dir))
+        if self.hub_model_id is None:
+            self.init_hf_repo(token=token, private=private)
         return push_adapter(
-            folder, repo_id, token=token if token is not None else self.args.hub_token,
+            folder, self.hub_model_id, token=token if token is not None else self.args.hub_token,
             private=private if private is not None else self.args.hub_private_repo,
             revision=revision or self.args.hub_revision, commit_message=commit_message,
-            training_summary=self.training_summary(), model=self.model, endpoint=self.hub_endpoint, **card_kwargs,
+            training_summary=self.training_summary(), model=self.model, endpoint=self.hub_endpoint,
+            card_data={**self._card_data, **(card_data or {})}, extra_folders=extra_folders,
+            base_model_name_or_path=self.base_model_name_or_path,
         )
 
-    def create_model_card(self, model_name: str | None = None, license: str | None = None,
-                          dataset: str | list[str] | None = None, dataset_name: str | None = None,
-                          **ignored) -> None:
+    def create_model_card(self, model_name: str | None = None, **card_data) -> None:
         """Write the adapter's model card (our template: it loads the repo with ``UniLoraAutoModel``, not as a
-        full model) to ``args.output_dir/README.md``. Takes the keywords of Trainer's and trl's versions;
-        ``license`` and ``dataset``/``dataset_name`` go into the card, the other ones have no place in it."""
+        full model) to ``args.output_dir/README.md``. Takes the keywords of Trainer's and trl's versions
+        (``language``, ``license``, ``tags``, ``finetuned_from``, ``tasks``, ``dataset_tags``, ``dataset``,
+        ``dataset_args``, ``dataset_name``); they go into the card's metadata and are kept for later pushes."""
         if not self.is_world_process_zero():
             return
         import tempfile
 
         from .push import render_card
 
-        datasets = [dataset] if isinstance(dataset, str) else list(dataset or [])
-        datasets += [dataset_name] if dataset_name else []
+        self._card_data.update({k: v for k, v in card_data.items() if v is not None})
         model = unwrap(self.model)
         with tempfile.TemporaryDirectory() as tmp:
-            get_adapter(model).save_adapter(tmp)
+            get_adapter(model).save_adapter(tmp, base_model_name_or_path=self.base_model_name_or_path)
             files = read_adapter(tmp)
         base_params = sum(p.numel() for n, p in model.named_parameters()
                           if p is not get_adapter(model).theta_d and ".modules_to_save." not in n)
-        repo_id = self.args.hub_model_id or model_name or os.path.basename(os.path.abspath(self.args.output_dir))
-        card = render_card(files, repo_id, self.training_summary(), base_params, license, datasets or None)
+        repo_id = self.hub_model_id or self.args.hub_model_id or model_name or Path(self.args.output_dir).absolute().name
+        card = render_card(files, repo_id, self.training_summary(), base_params, card_data=self._card_data,
+                           model_name=model_name)
         os.makedirs(self.args.output_dir, exist_ok=True)
         with open(os.path.join(self.args.output_dir, "README.md"), "w", encoding="utf-8") as f:
             f.write(card)
+
+    # -- evaluation of a model loaded by transformers from an output folder -----------------------
+    def _refuse_in_evaluation_only(self, operation: str) -> None:
+        if getattr(self, "evaluation_only", False):
+            raise AdapterStateError(
+                f"{operation}(): this model was loaded by transformers with a LoRA adapter (the LoRA export that "
+                "unilora_hf writes beside a Uni-LoRA adapter in an output folder), which evaluates and predicts "
+                "as the adapter does but does not train as one. To go on training, pass the base model "
+                "(--model_name_or_path BASE) with resume_from_checkpoint=OUTPUT_DIR/checkpoint-N, or load "
+                "UniLoraAutoModel.from_pretrained(OUTPUT_DIR) and pass unilora_config=None"
+            )
+
+    def train(self, *args, **kwargs):
+        self._refuse_in_evaluation_only("train")
+        return super().train(*args, **kwargs)
 
     def training_summary(self) -> dict[str, Any]:
         """Hyperparameters, final metrics and the loss history, for the model card."""
@@ -348,6 +421,25 @@ class UniLoraTrainerMixin:
         }
 
 
+def loaded_lora_export(model) -> bool:
+    """Whether transformers loaded ``model`` from a folder holding a PEFT LoRA adapter (``AutoModelFor....
+    from_pretrained(output_dir)`` on a trainer's output folder loads the LoRA export written there)."""
+    configs = getattr(model, "peft_config", None)
+    return (not has_adapter(model) and bool(getattr(model, "_hf_peft_config_loaded", False))
+            and isinstance(configs, dict) and bool(configs)
+            and all(str(getattr(c.peft_type, "value", c.peft_type)) == "LORA" for c in configs.values()))
+
+
+class TrainableParametersCallback(TrainerCallback):
+    """Prints PEFT's line (``trainable params: … || all params: … || trainable%: …``) when training starts."""
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if state.is_world_process_zero and model is not None and has_adapter(model):
+            from .peft_api import trainable_line
+
+            print(f"Uni-LoRA: {trainable_line(unwrap(model))}")
+
+
 class UniLoraTrainer(UniLoraTrainerMixin, Trainer):
     """``transformers.Trainer`` for Uni-LoRA: the same arguments plus
 
@@ -357,22 +449,36 @@ class UniLoraTrainer(UniLoraTrainerMixin, Trainer):
         unilora_learning_rate: θ_d's learning rate (paper: 5e-3 for GLUE, 2e-3 for LLMs); the heads use
             ``args.learning_rate``.
         unilora_weight_decay: θ_d's weight decay (default 0).
-        save_processing_class: also save the tokenizer and ``training_args.bin`` with the adapter.
+        save_processing_class: save the tokenizer with the adapter in the output folders (default True, as
+            Trainer does); it is never pushed.
         hub_endpoint: the Hub URL for ``push_to_hub`` (default: huggingface_hub's, i.e. ``HF_ENDPOINT``).
+        base_model_name_or_path: the base model's Hub id to record, when the base was loaded from a local
+            folder (a local path is never published).
+        export_lora_beside: write the adapter's LoRA export beside it in ``args.output_dir`` (native projection),
+            so that ``AutoModelFor....from_pretrained(output_dir)`` loads the trained model (default True).
+
+    A model that transformers loaded from such an output folder (base + the LoRA export) evaluates and
+    predicts here as the adapter does; training it is refused with what to run instead.
     """
 
     def __init__(self, model=None, args=None, *pos, unilora_config: UniLoraConfig | None = None,
                  unilora_learning_rate: float | None = None, unilora_weight_decay: float = 0.0,
-                 save_processing_class: bool = False, hub_endpoint: str | None = None, **kwargs):
-        self._init_unilora(unilora_learning_rate, unilora_weight_decay, save_processing_class, hub_endpoint)
+                 save_processing_class: bool = True, hub_endpoint: str | None = None,
+                 base_model_name_or_path: str | None = None, export_lora_beside: bool = True, **kwargs):
+        self._init_unilora(unilora_learning_rate, unilora_weight_decay, save_processing_class, hub_endpoint,
+                           base_model_name_or_path, export_lora_beside)
         if kwargs.get("model_init") is not None:
             kwargs["model_init"] = self._wrap_model_init(kwargs["model_init"], unilora_config)
-        if model is not None:
+        if model is not None and loaded_lora_export(model):
+            self.evaluation_only = True
+        elif model is not None:
             if args is not None and unilora_config is not None and not has_adapter(model):
                 set_seed(args.seed)  # as Trainer does before model_init: θ_d's initial draw follows args.seed
             attach(model, unilora_config)
             upcast_trainable(model, args)
         with quantized_base_accepted(model):
             super().__init__(model, args, *pos, **kwargs)
-        refuse_reentrant_under_ddp(self)
-        broadcast_theta_from_rank0(self)
+        self.add_callback(TrainableParametersCallback)
+        if not self.evaluation_only:
+            refuse_reentrant_under_ddp(self)
+            broadcast_theta_from_rank0(self)
