@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 
 import torch.nn as nn
 
-from .errors import AdapterFormatError, BaseModelError, UniLoraError
+from .errors import AdapterFormatError, BaseModelError, InvalidArgumentError, UniLoraError
 from .hub import resolve_adapter
 from .loading import apply_adapter
 from .serialization import AdapterFiles, read_adapter
@@ -31,19 +33,52 @@ def model_class_for(files: AdapterFiles, base_config) -> type:
     return transformers.AutoModel
 
 
+@contextlib.contextmanager
+def _quiet_about(files: AdapterFiles):
+    """While the base loads: no "... newly initialized" warning for weights the adapter is about to supply (its
+    trained head), which would read as if the head were random. Other warnings stay."""
+    from transformers.utils import logging as hf_logging
+
+    if not files.tensors:
+        yield
+        return
+    logger = hf_logging.get_logger("transformers.modeling_utils")
+    heads = {name.rsplit(".", 1)[0] for name in files.tensors}
+
+    class _Filter(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            text = record.getMessage()
+            return not (("newly initialized" in text or "MISSING" in text)
+                        and all(any(h in line for h in heads) for line in _weight_lines(text)))
+
+    f = _Filter()
+    logger.addFilter(f)
+    try:
+        yield
+    finally:
+        logger.removeFilter(f)
+
+
+def _weight_lines(text: str) -> list[str]:
+    """The parameter names a transformers loading report lists (lines naming a ``*.weight``/``*.bias``)."""
+    return [line for line in text.splitlines() if ".weight" in line or ".bias" in line] or [text]
+
+
 class UniLoraAutoModel:
     """Loads ``base`` with the right transformers class and attaches the adapter to it."""
 
     @classmethod
-    def from_pretrained(cls, base: str | os.PathLike | nn.Module | None, adapter: str | os.PathLike, *,
+    def from_pretrained(cls, base: str | os.PathLike | nn.Module | None, adapter: str | os.PathLike | None = None, *,
                         revision: str | None = None, merge: bool = False, dtype=None, device_map=None,
                         token: str | bool | None = None, cache_dir: str | None = None,
                         local_files_only: bool = False, base_revision: str | None = None,
                         endpoint: str | None = None, **model_kwargs) -> nn.Module:
-        """Load ``adapter`` (a folder or Hub repo id at ``revision``) onto ``base``.
+        """Load ``adapter`` (a folder or Hub repo id at ``revision``) onto ``base``; with one argument,
+        ``from_pretrained(adapter)``, onto the base model the adapter records.
 
         ``base`` is a Hub model id, a local folder, an already loaded ``PreTrainedModel``, or None to use
-        the base model recorded in the adapter. The model class is the task class the adapter records, else
+        the base model recorded in the adapter (its Hub id and revision, or the local folder it was trained
+        from when that still exists here). The model class is the task class the adapter records, else
         the base's own ``architectures``; classifier settings (``num_labels``, labels) come from the
         adapter; ``dtype``, ``device_map`` and other keyword arguments (``trust_remote_code`` included: only
         yours count, never the adapter's) go to the base's ``from_pretrained``. The adapter is checked
@@ -52,6 +87,11 @@ class UniLoraAutoModel:
         speed); otherwise the adapter stays unmerged (``unilora_hf.get_adapter(model)`` merges, unmerges or
         disables it later). The model is returned in eval mode.
         """
+        if adapter is None:
+            if isinstance(base, nn.Module) or base is None:
+                raise InvalidArgumentError("from_pretrained(adapter) takes the adapter (a folder or Hub repo id); "
+                                           "to use a loaded model, call from_pretrained(model, adapter)")
+            base, adapter = None, base
         folder = resolve_adapter(adapter, revision=revision, token=token, cache_dir=cache_dir,
                                  local_files_only=local_files_only, endpoint=endpoint)
         files = read_adapter(folder)
@@ -75,8 +115,15 @@ class UniLoraAutoModel:
 
         name = base if base is not None else files.base.name_or_path
         if not name:
-            raise AdapterFormatError("the adapter records no base model: pass base= (a model id, folder or model)")
+            hint = f" (it was trained on a local folder named {files.base.local_name!r})" if files.base.local_name else ""
+            raise AdapterFormatError(f"the adapter records no base model{hint}: pass the base as the first argument "
+                                     "(a Hub id, a folder or a loaded model)")
         name = str(name)
+        if base is None and files.base.is_local and not os.path.isdir(name):
+            raise BaseModelError(
+                f"the adapter records its base as the local folder {name}, which does not exist here: pass the base "
+                "as the first argument (a Hub id, a folder or a loaded model)"
+            )
         revision = base_revision if base is not None or base_revision else files.base.revision
         trust = model_kwargs.pop("trust_remote_code", False) is True  # the caller's own argument, nothing else
         common = dict(revision=revision, token=token, cache_dir=cache_dir, local_files_only=local_files_only,
@@ -91,7 +138,8 @@ class UniLoraAutoModel:
                 kwargs["dtype"] = dtype
             if device_map is not None:
                 kwargs["device_map"] = device_map
-            return model_cls.from_pretrained(name, **common, **kwargs)
+            with _quiet_about(files):
+                return model_cls.from_pretrained(name, **common, **kwargs)
         except (OSError, ValueError, KeyError) as exc:
             if isinstance(exc, UniLoraError):
                 raise

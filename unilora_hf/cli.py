@@ -75,7 +75,8 @@ def cmd_push(args) -> None:
     from .push import push_adapter
 
     url = push_adapter(args.dir, args.repo_id, private=args.private, token=args.token, revision=args.revision,
-                       commit_message=args.commit_message, create_pr=args.create_pr, endpoint=args.endpoint)
+                       commit_message=args.commit_message, create_pr=args.create_pr, endpoint=args.endpoint,
+                       base_model_name_or_path=args.base_model)
     print(url)
 
 
@@ -213,6 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
     push.add_argument("--token", help="Hub write token (default: HF_TOKEN or `hf auth login`)")
     push.add_argument("--endpoint", help="Hub URL (default: HF_ENDPOINT or huggingface.co)")
+    push.add_argument("--base-model", help="the base model's Hub id to record, when the adapter was trained on a "
+                                           "local folder (local paths are never published)")
     push.set_defaults(func=cmd_push)
 
     info = sub.add_parser("info", help="show an adapter's config, files, base model, D and fingerprint",

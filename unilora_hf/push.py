@@ -7,6 +7,7 @@ whole or not at all, so a failed push leaves the repo as it was and can simply b
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import platform
 import tempfile
@@ -202,7 +203,10 @@ def _push_error(exc: Exception, repo_id: str, token, endpoint, doing: str = "pus
     return HubPushError(f"{doing} {repo_id} failed ({type(exc).__name__}: {' '.join(str(exc).split())[:300]})")
 
 
-NEVER_PUSHED = ("training_args.bin",)
+# What a checkpoint folder pushes (hub_strategy "checkpoint"/"all_checkpoints"): the adapter and what resuming
+# needs. Never training_args.bin, the tokenizer or a LoRA export.
+CHECKPOINT_FILES = (CONFIG_NAME, WEIGHTS_NAME, PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, "optimizer.pt", "scheduler.pt",
+                    "scaler.pt", "trainer_state.json", "rng_state*.pth")
 
 
 def _staged(contents: dict[str, bytes], folder: Path) -> Path:
@@ -228,9 +232,9 @@ def push_adapter(model_or_folder, repo_id: str, *, private: bool | None = None, 
 
     A base model recorded as a local folder is never published: the pushed config names
     ``base_model_name_or_path`` (a Hub id) instead, or no base (with the folder's name as ``local_name``).
-    ``card_data``: Trainer's / trl's card keywords (see `render_card`). ``extra_folders``: folders to upload in
-    the same commit under the given paths (a trainer's checkpoint as ``last-checkpoint``), without
-    ``training_args.bin``.
+    ``card_data``: Trainer's / trl's card keywords (see `render_card`). ``extra_folders``: checkpoint folders to
+    upload in the same commit under the given paths (``last-checkpoint``): their adapter and what resuming
+    needs (`CHECKPOINT_FILES`), never ``training_args.bin`` or the tokenizer.
 
     A failed push leaves nothing behind: a Hub commit is all or nothing, and a repo this push created is
     deleted again. Errors: HubAuthError (token missing, wrong or without write access), HubConnectionError
@@ -266,7 +270,7 @@ def push_adapter(model_or_folder, repo_id: str, *, private: bool | None = None, 
             ops = [CommitOperationAdd(path_in_repo=n, path_or_fileobj=data) for n, data in contents.items()]
             for prefix, extra in (extra_folders or {}).items():
                 for path in sorted(Path(extra).iterdir()):
-                    if path.is_file() and path.name not in NEVER_PUSHED:
+                    if path.is_file() and any(fnmatch.fnmatch(path.name, p) for p in CHECKPOINT_FILES):
                         ops.append(CommitOperationAdd(path_in_repo=f"{prefix}/{path.name}", path_or_fileobj=str(path)))
             keep_readme = False
             if not overwrite_card and api.file_exists(repo_id, "README.md", revision=revision, token=token):
