@@ -36,15 +36,11 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-from transformers import (
-    AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer, TrainingArguments,
-)
-
-from unilora_hf import UniLoraAutoModel, UniLoraConfig, UniLoraTrainer
+# torch, transformers and unilora_hf are imported where they are used, after the arguments are parsed, so that
+# --help answers at once.
 
 HERE = Path(__file__).resolve().parent
+LABELS = {"sst2": ["negative", "positive"], "mrpc": ["not_equivalent", "equivalent"]}  # GLUE's label names
 TASKS = {  # name: (text columns, label column, number of labels (1 = regression), metric)
     "sst2": ("sentence", None, 2, "accuracy"),
     "mrpc": ("#1 String", "#2 String", 2, "accuracy"),
@@ -75,7 +71,9 @@ def read_tsv(path: Path, task: str, limit: int | None) -> tuple[list, list]:
     return [(r[7], r[8]) for r in rows], [float(r[9]) for r in rows]
 
 
-class Encoded(torch.utils.data.Dataset):
+class Encoded:
+    """A map-style dataset of tokenized rows (what the Trainer's DataLoader takes)."""
+
     def __init__(self, tokenizer, texts, labels, max_length):
         pairs = isinstance(texts[0], tuple)
         first = [t[0] for t in texts] if pairs else texts
@@ -91,6 +89,8 @@ class Encoded(torch.utils.data.Dataset):
 
 
 def metric_fn(task: str):
+    import numpy as np
+
     def compute(pred):
         logits, labels = pred.predictions, pred.label_ids
         if TASKS[task][2] == 1:
@@ -109,7 +109,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--task", choices=sorted(TASKS), default="sst2")
     p.add_argument("--data", type=Path, default=HERE / "data" / "sst2", help="folder with GLUE train.tsv and dev.tsv")
-    p.add_argument("--model", default=None, help="base model id or folder (default: the real all-MiniLM-L6-v2)")
+    p.add_argument("--model", default=None, help="base model id or folder (None: the real all-MiniLM-L6-v2)")
     p.add_argument("--method", choices=METHODS, default="unilora",
                    help="what trains: this library's Uni-LoRA, PEFT's UniLoRA, PEFT LoRA, the head only, or everything")
     p.add_argument("--train-limit", type=int, default=None, help="use the first N training rows")
@@ -137,7 +137,8 @@ def parse_args(argv=None):
                                                                   "50 with --measure-only)")
     p.add_argument("--output-dir", type=Path, default=Path("runs/glue"))
     p.add_argument("--repo-id", default="demo/minilm-unilora-sst2", help="Hub repo to push the adapter to")
-    p.add_argument("--hub-endpoint", default=None, help="a Hub URL; default: an in-process local Hub server")
+    p.add_argument("--hub-endpoint", default=None, help="a Hub URL (None: an in-process local Hub server, gone when "
+                                                        "the job ends)")
     p.add_argument("--hub-token", default=None)
     p.add_argument("--results", type=Path, default=None, help="append a JSON line with the scores here")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (weights and θ_d stay fp32)")
@@ -148,31 +149,31 @@ def parse_args(argv=None):
     return a
 
 
-class GroupedLrTrainer(Trainer):
+def grouped_lr_trainer(*args, param_groups: list[dict], **kwargs):
     """A plain ``Trainer`` whose AdamW gets explicit parameter groups, each with its own lr.
 
     For PEFT's UniLoRA the groups give every parameter the lr and weight decay (0) that
     ``UniLoraTrainer.create_optimizer`` gives it: θ_d at the θ_d lr, the head at the head lr; the
     scheduler scales each group from its own lr, as it does in ours.
     """
+    from transformers import Trainer
 
-    def __init__(self, *args, param_groups: list[dict], **kwargs):
-        self._param_groups = param_groups
-        super().__init__(*args, **kwargs)
+    class GroupedLrTrainer(Trainer):
+        def create_optimizer(self, model=None):
+            if self.optimizer is None:
+                grouped = {id(p) for g in param_groups for p in g["params"]}
+                trainable = {id(p) for p in self.model.parameters() if p.requires_grad}
+                if grouped != trainable:
+                    raise RuntimeError(f"the optimizer groups hold {len(grouped)} tensors but the model trains "
+                                       f"{len(trainable)}: build_model must put every trainable parameter in a group")
+                optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
+                self.optimizer = optimizer_cls(param_groups, **optimizer_kwargs)
+            return self.optimizer
 
-    def create_optimizer(self, model=None):
-        if self.optimizer is None:
-            grouped = {id(p) for g in self._param_groups for p in g["params"]}
-            trainable = {id(p) for p in self.model.parameters() if p.requires_grad}
-            if grouped != trainable:
-                raise RuntimeError(f"the optimizer groups hold {len(grouped)} tensors but the model trains "
-                                   f"{len(trainable)}: build_model must put every trainable parameter in a group")
-            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
-            self.optimizer = optimizer_cls(self._param_groups, **optimizer_kwargs)
-        return self.optimizer
+    return GroupedLrTrainer(*args, **kwargs)
 
 
-def head_parameters(model) -> list[torch.nn.Parameter]:
+def head_parameters(model) -> list:
     """The trainable parameters of the classifier head (PEFT's or our trainable copy of it)."""
     return [p for n, p in model.named_parameters() if p.requires_grad and f"{HEAD}." in n]
 
@@ -185,8 +186,13 @@ def build_model(a, model_path: str, num_labels: int):
     which seeds with ``args.seed``; PEFT's here, before ``get_peft_model``), so ``unilora --projection peft``
     and ``peft-unilora`` start equal.
     """
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
     torch.manual_seed(a.seed)
-    model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=num_labels)
+    names = LABELS.get(a.task)
+    labels = dict(id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)}) if names else {}
+    model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=num_labels, **labels)
     if a.method == "unilora":
         return model, None
     if a.method == "head":
@@ -219,7 +225,9 @@ def build_model(a, model_path: str, num_labels: int):
                    {"params": head_parameters(model), "lr": a.head_lr, "weight_decay": 0.0}]
 
 
-def training_args(a, metric: str) -> TrainingArguments:
+def training_args(a, metric: str):
+    from transformers import TrainingArguments
+
     keep = not a.measure_only
     return TrainingArguments(
         output_dir=str(a.output_dir), num_train_epochs=a.epochs, max_steps=a.max_steps,
@@ -233,8 +241,12 @@ def training_args(a, metric: str) -> TrainingArguments:
     )
 
 
-def build_trainer(a, model_path: str, tokenizer, train, dev) -> Trainer:
+def build_trainer(a, model_path: str, tokenizer, train, dev):
     """The trainer of ``a.method`` with the recipe's settings (see the module docstring)."""
+    from transformers import DataCollatorWithPadding
+
+    from unilora_hf import UniLoraConfig, UniLoraTrainer
+
     _, _, num_labels, metric = TASKS[a.task]
     model, groups = build_model(a, model_path, num_labels)
     common = dict(train_dataset=train, eval_dataset=dev, processing_class=tokenizer,
@@ -243,23 +255,27 @@ def build_trainer(a, model_path: str, tokenizer, train, dev) -> Trainer:
     if groups is None:
         config = UniLoraConfig(r=a.r, theta_d_length=a.d, proj_seed=a.proj_seed, projection=a.projection,
                                target_modules=TARGETS, modules_to_save=[HEAD])
-        return UniLoraTrainer(model, args, unilora_config=config, unilora_learning_rate=a.theta_lr, **common)
-    return GroupedLrTrainer(model, args, param_groups=groups, **common)
+        return UniLoraTrainer(model, args, unilora_config=config, unilora_learning_rate=a.theta_lr,
+                              export_lora_beside=False, **common)
+    return grouped_lr_trainer(model, args, param_groups=groups, **common)
 
 
-def epoch_scores(trainer: Trainer, metric: str) -> list[float]:
+def epoch_scores(trainer, metric: str) -> list[float]:
     """The dev score after each epoch, in order, from the trainer's log."""
     return [round(h[f"eval_{metric}"], 4) for h in trainer.state.log_history if f"eval_{metric}" in h]
 
 
 def device_name() -> str:
+    import torch
+
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-def measurement(a, trainer: Trainer, metric: str, scores: list[float], seconds: float, train_rows: int) -> dict:
+def measurement(a, trainer, metric: str, scores: list[float], seconds: float, train_rows: int) -> dict:
     import peft
+    import torch
     import transformers
 
     head = sum(p.numel() for p in head_parameters(trainer.model))
@@ -283,6 +299,10 @@ def measurement(a, trainer: Trainer, metric: str, scores: list[float], seconds: 
 def main(argv=None) -> dict:
     a = parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "0")
+    from transformers import AutoTokenizer, DataCollatorWithPadding
+
+    from unilora_hf import UniLoraAutoModel, UniLoraTrainer
+
     model_path = a.model or default_model()
     metric = TASKS[a.task][3]
     tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -331,7 +351,9 @@ def main(argv=None) -> dict:
             server.stop()
     reloaded = UniLoraTrainer(loaded, args, eval_dataset=dev, data_collator=DataCollatorWithPadding(tokenizer),
                               compute_metrics=metric_fn(a.task)).evaluate()[f"eval_{metric}"]
-    adapter_bytes = sum(f.stat().st_size for f in (a.output_dir / "adapter").iterdir())
+    adapter_files = {f.name: f.stat().st_size for f in sorted((a.output_dir / "adapter").iterdir())
+                     if f.name.startswith(("unilora_", "adapter_"))}
+    adapter_bytes = sum(adapter_files.values())
     result = {"task": a.task, "method": a.method, "projection": a.projection, "d": a.d, "r": a.r, "epochs": a.epochs,
               "theta_lr": a.theta_lr, "head_lr": a.head_lr, "seed": a.seed, f"dev_{metric}": round(trained, 2),
               f"dev_{metric}_reloaded_from_hub": round(reloaded, 2), "per_epoch": scores,
@@ -341,6 +363,18 @@ def main(argv=None) -> dict:
     if a.results:
         with open(a.results, "a") as f:
             f.write(json.dumps(result) + "\n")
+    where = "the in-process Hub (gone now that the job ends; --hub-endpoint pushes to a lasting one)" if server \
+        else endpoint
+    names = loaded.config.id2label
+    print(f"adapter:  {a.output_dir / 'adapter'} ({', '.join(f'{n} {b:,} B' for n, b in adapter_files.items())}; "
+          "the tokenizer beside it stays local)")
+    print(f"pushed:   {a.repo_id} on {where}, commit {url.rsplit('/', 1)[-1][:12]}")
+    print(f"reloaded: by repo id through huggingface_hub (cache {a.output_dir / 'hf_cache'}): dev {metric} "
+          f"{reloaded:.2f}, the trained model's {trained:.2f}")
+    if TASKS[a.task][2] > 1:
+        print("labels:   " + ", ".join(f"{i} = {names[i]}" for i in sorted(names)))
+    if a.results:
+        print(f"results:  appended to {a.results}")
     if abs(trained - reloaded) > 1e-6:
         sys.exit(f"the adapter loaded back from the Hub scores {reloaded}, the trained model {trained}")
     return result

@@ -5,8 +5,8 @@ shipped in examples/data/gsm8k for a few dozen steps on the CPU with `UniLoraTra
 100 test problems, and writes the README.md that `push_adapter` / `trainer.push_to_hub()` would upload,
 plus its loss chart:
 
-    python examples/render_card.py                     # writes docs/example_card.md + docs/training_loss.svg
-    python examples/render_card.py --steps 10 --out /tmp/card.md
+    python examples/render_card.py                     # writes runs/card/README.md + runs/card/training_loss.svg
+    python examples/render_card.py --out docs/example_card.md   # refreshes the example in the docs
 """
 
 from __future__ import annotations
@@ -15,14 +15,6 @@ import argparse
 import json
 import tempfile
 from pathlib import Path
-
-import torch
-from transformers import (
-    AutoModelForCausalLM, AutoTokenizer, DataCollatorForLanguageModeling, TrainingArguments, set_seed,
-)
-
-from unilora_hf import UniLoraConfig, UniLoraTrainer, read_adapter
-from unilora_hf.push import base_parameter_count, loss_svg, render_card
 
 HERE = Path(__file__).resolve().parent
 
@@ -35,11 +27,19 @@ def gsm8k(tokenizer, split: str, max_length: int) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=HERE.parent / "docs" / "example_card.md")
+    parser.add_argument("--out", type=Path, default=Path("runs") / "card" / "README.md")
     parser.add_argument("--repo-id", default="your-name/stories260K-unilora-gsm8k",
                         help="the repo id the card is written for")
     parser.add_argument("--steps", type=int, default=40)
     args = parser.parse_args()
+
+    import torch
+    from transformers import (
+        AutoModelForCausalLM, AutoTokenizer, DataCollatorForLanguageModeling, TrainingArguments, set_seed,
+    )
+
+    from unilora_hf import UniLoraConfig, UniLoraTrainer, read_adapter
+    from unilora_hf.push import base_parameter_count, loss_svg, render_card
 
     set_seed(0)  # θ_d is drawn when the trainer attaches the adapter, before Trainer seeds anything
     base = HERE / "data" / "stories260K"

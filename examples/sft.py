@@ -26,13 +26,6 @@ import re
 import time
 from pathlib import Path
 
-import torch
-from datasets import Dataset
-from transformers import AutoTokenizer
-from trl import SFTConfig
-
-from unilora_hf import UniLoraAutoModel, UniLoraConfig, UniLoraSFTTrainer, get_adapter
-
 HERE = Path(__file__).resolve().parent
 STORIES = HERE / "data" / "stories260K"
 GSM8K_TRAIN, GSM8K_TEST = HERE / "data" / "gsm8k" / "train.jsonl", HERE / "data" / "gsm8k" / "test.jsonl"
@@ -53,7 +46,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "else the last --eval-limit records of --data, left out of training)")
     p.add_argument("--train-limit", type=int, default=None, help="use at most this many training records")
     p.add_argument("--eval-limit", type=int, default=32, help="evaluate on this many held-out records")
-    p.add_argument("--output-dir", default="sft-unilora", help="where the adapter and results.json go")
+    p.add_argument("--output-dir", default="runs/sft", help="where the adapter and results.json go")
     p.add_argument("--r", type=int, default=4, help="rank of every adapted layer")
     p.add_argument("--theta-d-length", type=int, default=8192, help="d, the length of the one trained vector θ_d")
     p.add_argument("--targets", default="all-linear",
@@ -117,10 +110,18 @@ def load_data(args) -> tuple[list[dict], list[dict]]:
     return train[:args.train_limit], held_out[:args.eval_limit]
 
 
-@torch.no_grad()
 def completion_loss(model, dataset, pad_token_id: int, batch_size: int) -> float:
     """Mean cross-entropy per completion token of a prepared dataset (``input_ids`` and ``labels``, where
     the prompt carries -100), in right-padded batches."""
+    import torch
+
+    with torch.no_grad():
+        return _completion_loss(model, dataset, pad_token_id, batch_size)
+
+
+def _completion_loss(model, dataset, pad_token_id: int, batch_size: int) -> float:
+    import torch
+
     model.eval()
     total, count = 0.0, 0
     device = next(model.parameters()).device
@@ -138,9 +139,15 @@ def completion_loss(model, dataset, pad_token_id: int, batch_size: int) -> float
     return total / max(count, 1)
 
 
-@torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 8) -> list[str]:
     """Greedy completions of ``prompts`` (left-padded batches)."""
+    import torch
+
+    with torch.no_grad():
+        return _generate(model, tokenizer, prompts, max_new_tokens, batch_size)
+
+
+def _generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
     model.eval()
     tokenizer.padding_side = "left"
     out = []
@@ -163,7 +170,13 @@ def gsm8k_accuracy(generations: list[str], answers: list[str]) -> float:
 
 
 def main(argv=None) -> dict:
-    args = parse_args(argv)
+    args = parse_args(argv)  # before the heavy imports: --help answers at once
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+    from trl import SFTConfig
+
+    from unilora_hf import UniLoraAutoModel, UniLoraConfig, UniLoraSFTTrainer, get_adapter
+
     out = Path(args.output_dir)
     train, held_out = load_data(args)
     print(f"data: {len(train)} training records from {args.data}, {len(held_out)} held out")
@@ -205,8 +218,9 @@ def main(argv=None) -> dict:
 
     adapter_dir = out / "adapter"
     trainer.save_model(str(adapter_dir))
-    sizes = {f.name: f.stat().st_size for f in sorted(adapter_dir.iterdir())}
-    print(f"saved {adapter_dir}: " + ", ".join(f"{name} {size:,} B" for name, size in sizes.items()))
+    sizes = {f.name: f.stat().st_size for f in sorted(adapter_dir.iterdir()) if f.name.startswith("unilora_")}
+    print(f"saved {adapter_dir}: " + ", ".join(f"{name} {size:,} B" for name, size in sizes.items())
+          + " (and the tokenizer, which stays local)")
 
     loaded = UniLoraAutoModel.from_pretrained(args.model, adapter_dir).to(model.device)
     loss_loaded = completion_loss(loaded, trainer.eval_dataset, tokenizer.pad_token_id, args.batch_size)
