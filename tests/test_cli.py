@@ -105,7 +105,10 @@ def test_push_then_info_from_the_hub(saved, hub_server, hf_cache, tmp_path):
     rows = {k.strip(): v.strip() for k, v in rows.items()}
     adapter = get_adapter(saved["llama"])
     assert rows["adapter"] == "alice/cli-llama"
-    assert rows["base model"] == f"{saved['root'] / 'llama'} (revision not recorded, AutoModelForCausalLM)"
+    # The base was a local folder: the pushed adapter names none (a local path is never published).
+    assert rows["base model"] == ("not recorded (trained on a local folder named 'llama') (revision not recorded, "
+                                  "AutoModelForCausalLM)")
+    assert str(saved["root"]) not in files["unilora_config.json"].decode() + files["README.md"].decode()
     assert rows["D (LoRA parameters)"] == f"{adapter.D:,}" and rows["d (θ_d length)"] == "300"
     assert rows["fingerprint"] == adapter.fingerprint and rows["adapted layers"] == str(len(adapter.layers))
     assert rows["trainable parameters"].startswith(f"{adapter.num_trainable():,} ")

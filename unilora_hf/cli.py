@@ -97,6 +97,7 @@ def adapter_info(folder: Path) -> dict:
         "integrity": files.integrity,
         "files": {n: (folder / n).stat().st_size for n in names},
         "base_model": base.get("name_or_path"),
+        "base_local_name": base.get("local_name"),
         "base_revision": base.get("revision"),
         "auto_class": base.get("auto_class"),
         "config": cfg.to_dict(),
@@ -110,6 +111,11 @@ def adapter_info(folder: Path) -> dict:
     }
 
 
+def _unrecorded_base(info: dict) -> str:
+    local = info.get("base_local_name")
+    return f"not recorded (trained on a local folder named {local!r})" if local else "not recorded"
+
+
 def _print_info(adapter: str, revision: str | None, info: dict) -> None:
     cfg = info["config"]
     unknown = "not recorded (a PEFT-written adapter: known once loaded onto its base)"
@@ -121,7 +127,7 @@ def _print_info(adapter: str, revision: str | None, info: dict) -> None:
         ("integrity", "digest and checksum verified" if info["integrity"] == "verified" else
                       "not recorded (written by PEFT or an older unilora_hf): checked for everything else"),
         *[(f"file {name}", f"{size:,} bytes") for name, size in info["files"].items()],
-        ("base model", f"{info['base_model'] or 'not recorded'} (revision {info['base_revision'] or 'not recorded'}, "
+        ("base model", f"{info['base_model'] or _unrecorded_base(info)} (revision {info['base_revision'] or 'not recorded'}, "
                        f"{info['auto_class'] or 'AutoModel'})"),
         ("projection", f"{cfg['projection']} (spec {info['projection_spec'] or 'peft-0.21'}), seed {cfg['proj_seed']}"),
         ("rank r", str(cfg["r"])),

@@ -124,3 +124,14 @@ class ModulesToSave(nn.Module):
             return super().__getattr__(name)
         except AttributeError:
             return getattr(super().__getattr__("modules_to_save"), name)
+
+
+WRAPPER_SEGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def logical_name(param_name: str) -> str:
+    """A live parameter name as the base model names it (our wrappers, and those of FSDP1, activation
+    checkpointing and torch.compile, removed)."""
+    for segment in WRAPPER_SEGMENTS:
+        param_name = param_name.replace(segment, "")
+    return param_name.replace(".base_layer.", ".").replace(".modules_to_save.", ".")

@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from .config import UniLoraConfig
 from .errors import AdapterIntegrityError, AdapterStateError, InvalidArgumentError, InvalidConfigError
-from .layer import ModulesToSave, UniLoraLinear
+from .layer import ModulesToSave, UniLoraLinear, logical_name
 from .layout import LayerSpec, check_sizes, compact, effective_heads, fingerprint, build_layout, resolve_targets
 from .projection import PEFT, Projection
 
@@ -506,17 +506,6 @@ def _untie_config(model: nn.Module) -> None:
     for cfg in (config, getattr(config, "get_text_config", lambda: None)()):
         if cfg is not None and getattr(cfg, "tie_word_embeddings", False):
             cfg.tie_word_embeddings = False
-
-
-WRAPPER_SEGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
-
-
-def logical_name(param_name: str) -> str:
-    """A live parameter name as the base model names it (our wrappers, and those of FSDP1, activation
-    checkpointing and torch.compile, removed)."""
-    for segment in WRAPPER_SEGMENTS:
-        param_name = param_name.replace(segment, "")
-    return param_name.replace(".base_layer.", ".").replace(".modules_to_save.", ".")
 
 
 def _live_name(model: nn.Module, logical: str) -> str:

@@ -20,7 +20,14 @@ import types
 import torch
 import torch.nn as nn
 
-from .errors import InvalidArgumentError
+from .errors import AdapterStateError, InvalidArgumentError
+
+def _adapter(model: nn.Module):
+    adapter = model.__dict__.get("unilora_adapter")
+    if adapter is None:
+        raise AdapterStateError(f"{type(model).__name__} carries no Uni-LoRA adapter (it was unloaded)")
+    return adapter
+
 
 NAMES = ("save_pretrained", "push_to_hub", "print_trainable_parameters", "get_nb_trainable_parameters",
          "disable_adapter", "merge_and_unload", "unload", "merge_adapter", "unmerge_adapter")
@@ -48,8 +55,7 @@ def trainable_line(model: nn.Module) -> str:
 def merged_state_dict(adapter) -> dict[str, torch.Tensor]:
     """The model's state as the base model names it, with ΔW merged into every adapted weight, the trained
     heads and biases in place; computed out of place (the live model is unchanged)."""
-    from .layer import ModulesToSave, UniLoraLinear
-    from .model import logical_name
+    from .layer import ModulesToSave, UniLoraLinear, logical_name
 
     model = adapter.model
     theta_D = adapter._theta_D_now()
@@ -79,13 +85,11 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, *, merg
     ``merged=True``, a complete transformers checkpoint with ΔW merged in (``kwargs`` go to transformers'
     ``save_pretrained``, e.g. ``max_shard_size``). ``state_dict`` (passed by a plain ``Trainer``) is not
     needed: the adapter's own tensors are saved. Pickle output (``safe_serialization=False``) is refused."""
-    from .model import get_adapter
-
     if not safe_serialization:
         raise InvalidArgumentError("safe_serialization=False would write a pickle; unilora_hf writes safetensors only")
     if not is_main_process:
         return
-    adapter = get_adapter(model)
+    adapter = _adapter(model)
     if merged:
         cls_save = type(model).save_pretrained
         config = getattr(model, "config", None)
@@ -138,35 +142,25 @@ def print_trainable_parameters(model: nn.Module) -> None:
 @contextlib.contextmanager
 def disable_adapter(model: nn.Module):
     """Inside, the model runs as its base (PEFT's ``with model.disable_adapter():``)."""
-    from .model import get_adapter
-
-    with get_adapter(model).disabled():
+    with _adapter(model).disabled():
         yield
 
 
 def merge_and_unload(model: nn.Module, progressbar: bool = False, safe_merge: bool = True,
                      adapter_names=None) -> nn.Module:
-    from .model import get_adapter
-
-    return get_adapter(model).unload(merge=True)
+    return _adapter(model).unload(merge=True)
 
 
 def unload(model: nn.Module) -> nn.Module:
-    from .model import get_adapter
-
-    return get_adapter(model).unload()
+    return _adapter(model).unload()
 
 
 def merge_adapter(model: nn.Module, safe_merge: bool = True) -> None:
-    from .model import get_adapter
-
-    get_adapter(model).merge(safe_merge=safe_merge)
+    _adapter(model).merge(safe_merge=safe_merge)
 
 
 def unmerge_adapter(model: nn.Module) -> None:
-    from .model import get_adapter
-
-    get_adapter(model).unmerge()
+    _adapter(model).unmerge()
 
 
 def install(model: nn.Module) -> None:

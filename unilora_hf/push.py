@@ -15,7 +15,7 @@ from importlib import metadata, resources
 from pathlib import Path
 from typing import Any
 
-from .errors import HubAuthError, HubConnectionError, HubError, HubPushError, InvalidConfigError
+from .errors import HubAuthError, HubConnectionError, HubError, HubPushError, InvalidArgumentError, InvalidConfigError
 from .projection import PEFT
 from .serialization import (
     CONFIG_NAME, PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, WEIGHTS_NAME, AdapterFiles, publishable, read_adapter,
@@ -251,10 +251,19 @@ def push_adapter(model_or_folder, repo_id: str, *, private: bool | None = None, 
         if isinstance(model_or_folder, (str, os.PathLike)):
             folder = Path(model_or_folder)
         else:
-            from .model import get_adapter
-
             model = model_or_folder if model is None else model
-            get_adapter(model_or_folder).save_adapter(tmp)
+            inner = model_or_folder  # a model carrying an adapter (inside DDP / torch.compile), or the handle itself
+            while "unilora_adapter" not in getattr(inner, "__dict__", {}) and (
+                    getattr(inner, "module", None) is not None or getattr(inner, "_orig_mod", None) is not None):
+                inner = getattr(inner, "module", None) or getattr(inner, "_orig_mod", None)
+            adapter = getattr(inner, "__dict__", {}).get("unilora_adapter")
+            adapter = model_or_folder if hasattr(model_or_folder, "save_adapter") else adapter
+            if adapter is None:
+                raise InvalidArgumentError(
+                    f"push_adapter takes a model carrying a Uni-LoRA adapter or a saved adapter folder, got "
+                    f"{type(model_or_folder).__name__}"
+                )
+            adapter.save_adapter(tmp)
             folder = Path(tmp)
         files = read_adapter(folder)  # refuses a folder with two adapters (a LoRA export beside its adapter is fine)
         names = (CONFIG_NAME, WEIGHTS_NAME) if files.format == "native" else (PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME)
