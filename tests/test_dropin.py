@@ -158,3 +158,10 @@ def test_the_trainer_logs_the_best_model_it_loads(tmp_path, caplog):
         hf_logging.set_verbosity_warning()
         hf_logging.disable_propagation()
     assert any("Loading best model from" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("example", ["glue", "sft", "load_and_generate", "render_card"])
+def test_examples_parse_their_arguments_before_importing_anything_heavy(example):
+    code = ("import runpy, sys\nsys.argv = ['x', '--help']\ntry:\n    runpy.run_path(%r, run_name='__main__')\n"
+            "except SystemExit:\n    pass" % str(REPO / "examples" / f"{example}.py"))
+    assert modules_after(code) == []
