@@ -83,8 +83,11 @@ class UniLoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         base = self._modules["base_layer"]
-        if self.merged or not self._unilora_root.unilora_adapter.enabled:
+        adapter = self._unilora_root.unilora_adapter
+        if self.merged or not adapter.enabled:
             return base(x, *args, **kwargs)
+        if adapter._mixed is not None:
+            return self._mixed_forward(adapter._mixed, base, x, *args, **kwargs)
         plain = None if args or kwargs else self._frozen_plain_weights(base, x)
         if plain is not None:
             A, B = self._pair(x.device, x.dtype)
@@ -92,6 +95,12 @@ class UniLoraLinear(nn.Module):
         result = base(x, *args, **kwargs)
         A, B = self._pair(result.device, result.dtype)
         return lora_linear.add_lora(result, self.unilora_dropout(x), A, B)
+
+    def _mixed_forward(self, mixed, base: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """Each batch row with its own adapter (`UniLoraAdapter.mixed_batch`)."""
+        result = base(x, *args, **kwargs)
+        A, B = mixed.layer_pair(self.spec, result.device, result.dtype)
+        return lora_linear.add_mixed_lora(result, self.unilora_dropout(x), mixed.token_slots(x), A, B)
 
     def extra_repr(self) -> str:
         s = self.spec
@@ -117,7 +126,34 @@ class ModulesToSave(nn.Module):
         adapter = None if root is None else root.__dict__.get("unilora_adapter")
         if adapter is not None and not adapter.enabled:
             return self.original_module(*args, **kwargs)
+        if adapter is not None and adapter._mixed is not None:
+            return self._mixed_forward(adapter, adapter._mixed, *args, **kwargs)
         return self.modules_to_save(*args, **kwargs)
+
+    def _mixed_forward(self, adapter, mixed, x: torch.Tensor, *args, **kwargs):
+        """Each batch row through its own adapter's copy of the head (the original for ``__base__`` rows). Each
+        head runs on the whole batch and gives its rows, so a row is computed exactly as with that adapter alone
+        (heads are small; this costs one head pass per adapter present)."""
+        from torch.func import functional_call
+
+        if x.shape[0] != mixed.batch:
+            raise RuntimeError(f"a mixed batch of {mixed.batch} rows met a head input of shape {tuple(x.shape)}")
+        name = next(n for n, m in adapter.model.named_modules() if m is self)
+        slots = mixed.slots.to(x.device)
+        result = None
+        for p in [-1] + list(range(len(mixed.present))):
+            rows = (slots == p).nonzero().flatten()
+            if rows.numel() == 0:
+                continue
+            if p < 0:
+                out = self.original_module(x, *args, **kwargs)
+            else:
+                own = {k[len(name) + 1:]: v for k, v in mixed.heads[mixed.present[p]].items()
+                       if k.startswith(name + ".")}
+                out = functional_call(self.modules_to_save, own, (x, *args), kwargs, strict=False)
+            result = out.clone() if result is None else result
+            result[rows] = out[rows]
+        return result
 
     def __getattr__(self, name: str):
         try:

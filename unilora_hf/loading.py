@@ -19,11 +19,13 @@ import os
 import torch
 import torch.nn as nn
 
-from .errors import AdapterFormatError, InvalidArgumentError, InvalidConfigError, LayoutMismatchError
-from .layout import check_layout
-from .model import InjectionPlan, UniLoraAdapter, inject_adapter, plan_injection, refuse_adapted, unwrap
-from .projection import Projection
+from .errors import AdapterFormatError, AdapterStateError, InvalidArgumentError, InvalidConfigError, LayoutMismatchError
 from .hub import resolve_adapter
+from .layout import check_layout
+from .model import (
+    InjectionPlan, UniLoraAdapter, get_adapter, has_adapter, inject_adapter, plan_injection, refuse_adapted, unwrap,
+)
+from .projection import Projection
 from .serialization import AdapterFiles, read_adapter
 
 
@@ -135,9 +137,10 @@ def apply_adapter(model: nn.Module, files: AdapterFiles) -> UniLoraAdapter:
     return adapter
 
 
-def load_adapter(model: nn.Module, adapter: str | os.PathLike, *, revision: str | None = None,
-                 token: str | bool | None = None, cache_dir: str | os.PathLike | None = None,
-                 local_files_only: bool = False, endpoint: str | None = None):
+def load_adapter(model: nn.Module, adapter: str | os.PathLike, *, adapter_name: str | None = None,
+                 revision: str | None = None, token: str | bool | None = None,
+                 cache_dir: str | os.PathLike | None = None, local_files_only: bool = False,
+                 endpoint: str | None = None):
     """Attach a stored adapter to ``model``, an already loaded base model, in place; returns the
     `UniLoraAdapter` handle (also ``unilora_hf.get_adapter(model)``).
 
@@ -150,13 +153,44 @@ def load_adapter(model: nn.Module, adapter: str | os.PathLike, *, revision: str 
     load leaves the model bit-identical. θ_d (float32, on the device of the model's first adapted weight)
     and any trained heads (cast to the model's dtype) are loaded. The adapter starts unmerged and enabled;
     the model's train/eval mode is left as it is.
+
+    ``adapter_name``: on a model that already carries an adapter, load this one beside it under that name (it must
+    share the projection and layout; see `add_adapter`); on a plain model, the first adapter's name
+    (default ``"default"``).
     """
     if not isinstance(model, nn.Module):
         raise InvalidArgumentError(
             f"model must be a loaded torch.nn.Module (e.g. from AutoModel.from_pretrained), got {type(model).__name__}; "
             "to load the base and the adapter in one call use UniLoraAutoModel.from_pretrained(base, adapter)"
         )
-    refuse_adapted(unwrap(model))
+    model = unwrap(model)
+    if has_adapter(model) and adapter_name is not None:
+        folder = resolve_adapter(adapter, revision=revision, token=token, cache_dir=cache_dir,
+                                 local_files_only=local_files_only, endpoint=endpoint)
+        return add_adapter(model, adapter_name, read_adapter(folder))
+    if has_adapter(model):
+        raise AdapterStateError(
+            "this model already has a Uni-LoRA adapter; pass adapter_name=... to load another one beside it "
+            "(model.set_adapter switches, adapter_names=[...] mixes them per batch row), or unload() the first"
+        )
+    refuse_adapted(model)
     folder = resolve_adapter(adapter, revision=revision, token=token, cache_dir=cache_dir,
                              local_files_only=local_files_only, endpoint=endpoint)
-    return apply_adapter(model, read_adapter(folder))
+    handle = apply_adapter(model, read_adapter(folder))
+    if adapter_name is not None:
+        handle.rename_default(adapter_name)
+    return handle
+
+
+def add_adapter(model: nn.Module, name: str, files: AdapterFiles):
+    """Keep the adapter of ``files`` beside the resident one(s) of ``model`` under ``name``: it must share their
+    projection (kind, seed, d, D), layout and trained tensors (LayoutMismatchError otherwise: such an adapter needs
+    its own copy of the base). Costs reading θ_d (d values) and its heads; nothing of size D."""
+    handle = get_adapter(model)
+    handle.check_compatible(name, files.config, files.D, (files.layout or {}).get("fingerprint"), files.tensors)
+    live = handle.saved_state()
+    for key, tensor in files.tensors.items():
+        if live[key].is_floating_point() != tensor.is_floating_point():
+            raise AdapterFormatError(f"{key!r} is {tensor.dtype} in adapter {name!r} and {live[key].dtype} in the model")
+    handle.add(name, files.theta_d, files.tensors)
+    return handle

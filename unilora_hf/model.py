@@ -30,6 +30,8 @@ from .layout import LayerSpec, check_sizes, compact, effective_heads, fingerprin
 from .projection import PEFT, Projection
 
 THETA_NAME = "unilora_theta_d"
+DEFAULT_NAME = "default"
+BASE_NAME = "__base__"
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -134,6 +136,61 @@ def plan_injection(model: nn.Module, config: UniLoraConfig) -> InjectionPlan:
     return InjectionPlan(config, targets, layers, D, heads, biases, state)
 
 
+class MixedBatch:
+    """The state of one mixed batch: which adapter each row runs, and the stacked readout of those present."""
+
+    def __init__(self, adapter: "UniLoraAdapter", present: list[str], thetas: torch.Tensor, slots: torch.Tensor,
+                 heads: dict[str, dict[str, torch.Tensor]]):
+        self.adapter = adapter
+        self.present = present
+        self.thetas = thetas
+        self.slots = slots
+        self.heads = heads
+        self._stacked: dict[tuple, torch.Tensor] = {}
+        self._token_slots: dict[tuple, torch.Tensor] = {}
+
+    @property
+    def batch(self) -> int:
+        return self.slots.numel()
+
+    def stacked(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """θ_D of every adapter present, P×D in ``dtype`` on ``device`` (read out once per batch block)."""
+        key = (device, dtype)
+        out = self._stacked.get(key)
+        if out is None:
+            from .kernels import readout
+
+            out = torch.empty((len(self.present), self.adapter.D), device=device, dtype=dtype)
+            with torch.no_grad():
+                for p in range(len(self.present)):
+                    out[p].copy_(readout(self.thetas[p], self.adapter.projection))
+            self._stacked[key] = out
+        return out
+
+    def layer_pair(self, spec: LayerSpec, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) of the layer for every adapter present: P×r×in and P×out×r views of `stacked`."""
+        flat = self.stacked(device, dtype)
+        a, b = spec.split_sizes
+        P = flat.shape[0]
+        A = flat[:, spec.offset : spec.offset + a].view(P, spec.r, spec.in_features)
+        B = flat[:, spec.offset + a : spec.offset + a + b].view(P, spec.out_features, spec.r)
+        return A, B
+
+    def token_slots(self, x: torch.Tensor) -> torch.Tensor:
+        """The adapter slot of each row of ``x`` flattened to (batch·tokens, features): rows are batch-major."""
+        if x.dim() < 2 or x.shape[0] != self.batch:
+            raise AdapterStateError(
+                f"a mixed batch of {self.batch} rows met a layer input of shape {tuple(x.shape)}: adapter_names needs "
+                "one name per row of the batch the model is called with"
+            )
+        tokens = x.numel() // (x.shape[0] * x.shape[-1])
+        key = (x.device, tokens)
+        out = self._token_slots.get(key)
+        if out is None:
+            out = self._token_slots[key] = self.slots.to(x.device).repeat_interleave(tokens)
+        return out
+
+
 class UniLoraAdapter:
     """The adapter on one model: its config, layout, projection and the operations on it."""
 
@@ -160,6 +217,12 @@ class UniLoraAdapter:
         self._views: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self._static: dict[tuple, tuple[torch.Tensor, list]] = {}
         self._filled: set[tuple] = set()
+        # Several adapters of one projection (`add`, `set_adapter`, `mixed_batch`): the active one lives in the
+        # model (θ_d parameter, heads, biases); the others are kept here, θ_d (d values) and their tensors each.
+        self.active_adapter = DEFAULT_NAME
+        self._names: list[str] = [DEFAULT_NAME]
+        self._bank: dict[str, tuple[torch.Tensor, dict[str, torch.Tensor]]] = {}  # name -> (θ_d, tensors)
+        self._mixed: MixedBatch | None = None
 
     # -- θ_D for one forward pass ------------------------------------------------------------------
     # The root's forward pre-hook opens a pass; the first adapted layer to run reads θ_D = P θ_d out
@@ -485,6 +548,135 @@ class UniLoraAdapter:
 
     def merge_and_unload(self) -> nn.Module:
         return self.unload(merge=True)
+
+    # -- several adapters on one base -------------------------------------------------------------
+    @property
+    def adapter_names(self) -> list[str]:
+        """The resident adapters, in the order they were added (the first is ``"default"`` unless named)."""
+        return list(self._names)
+
+    def _live_tensors(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in self.saved_state().items()}
+
+    def check_compatible(self, name: str, config: UniLoraConfig, D: int | None, fingerprint: str | None,
+                         tensors: dict[str, torch.Tensor]) -> None:
+        """InvalidConfigError / LayoutMismatchError unless an adapter with ``config`` shares this adapter's projection,
+        layout and trained tensors (so it differs only in θ_d and their values)."""
+        from .errors import LayoutMismatchError
+
+        if not isinstance(name, str) or not name or name == BASE_NAME or len(name) > 200:
+            raise InvalidArgumentError(f"adapter_name {name!r} is not a usable name (non-empty, not {BASE_NAME!r})")
+        if name in self._names:
+            raise AdapterStateError(f"an adapter named {name!r} is already loaded; delete_adapter({name!r}) first or "
+                                    "pick another name")
+        mine, theirs = self.config.to_dict(), config.to_dict()
+        differs = [k for k in ("projection", "proj_seed", "theta_d_length", "r", "target_modules", "layers_to_transform",
+                               "layers_pattern", "modules_to_save", "bias", "task_type") if mine[k] != theirs[k]]
+        if differs:
+            shown = ", ".join(f"{k} {theirs[k]!r} (resident: {mine[k]!r})" for k in differs)
+            raise LayoutMismatchError(
+                f"adapter {name!r} does not share the resident adapters' projection and layout: {shown}. Adapters on "
+                "one base must differ only in θ_d and their heads; load this one onto its own copy of the base model"
+            )
+        if (D is not None and D != self.D) or (fingerprint is not None and fingerprint != self.fingerprint):
+            raise LayoutMismatchError(
+                f"adapter {name!r} was trained on another layout (D = {D}, fingerprint {fingerprint}; resident: "
+                f"D = {self.D}, {self.fingerprint}); load it onto the base model it was trained for"
+            )
+        live = self._live_tensors()
+        if set(live) != set(tensors) or any(tuple(live[k].shape) != tuple(t.shape) for k, t in tensors.items()):
+            raise LayoutMismatchError(
+                f"adapter {name!r} trains other tensors than the resident adapters ({sorted(tensors)} vs {sorted(live)}"
+                "); load it onto its own copy of the base model"
+            )
+
+    def rename_default(self, name: str) -> None:
+        """Name the first (only) adapter ``name`` instead of ``"default"``."""
+        if len(self._names) != 1 or not isinstance(name, str) or not name or name == BASE_NAME:
+            raise InvalidArgumentError(f"cannot name the adapter {name!r}")
+        self._names = [name]
+        self.active_adapter = name
+
+    def add(self, name: str, theta_d: torch.Tensor, tensors: dict[str, torch.Tensor] | None = None) -> None:
+        """Keep another adapter of this projection and layout under ``name`` (not active): its θ_d (d values) and
+        trained tensors are copied to the live ones' devices and dtypes; nothing of size D is built."""
+        self._require_attached("add")
+        tensors = dict(tensors or {})
+        self.check_compatible(name, self.config, None, None, tensors)
+        if tuple(theta_d.shape) != (self.config.theta_d_length,):
+            raise InvalidArgumentError(f"θ_d of {name!r} has shape {tuple(theta_d.shape)}, expected "
+                                       f"({self.config.theta_d_length},)")
+        live_theta, live = self.theta_d, self._live_tensors()
+        state = (theta_d.detach().to(device=live_theta.device, dtype=torch.float32).clone(),
+                 {k: t.detach().to(device=live[k].device, dtype=live[k].dtype).clone() for k, t in tensors.items()})
+        self._bank[name] = state
+        self._names.append(name)
+
+    def set_adapter(self, name: str) -> None:
+        """Make ``name`` the adapter the model runs (and trains). Costs one copy of θ_d (d values) and of the
+        heads; the next forward reads the new θ_D out, nothing of size D is built here."""
+        self._require_attached("set_adapter")
+        if name == self.active_adapter:
+            return
+        if name not in self._bank:
+            raise AdapterStateError(f"no adapter named {name!r} is loaded; loaded: {self._names}")
+        if any(layer.merged for _, layer in self.wrapped_layers()):
+            raise AdapterStateError("the active adapter is merged into the weights: unmerge() before switching")
+        if not self.enabled or self._mixed is not None:
+            raise AdapterStateError("set_adapter() inside disabled() or a mixed batch: leave that block first")
+        live_theta, live = self.theta_d, self._live_tensors()
+        with torch.no_grad():
+            self._bank[self.active_adapter] = (live_theta.detach().clone(),
+                                               {k: t.detach().clone() for k, t in live.items()})
+            theta, tensors = self._bank.pop(name)
+            live_theta.copy_(theta)
+            for key, tensor in tensors.items():
+                live[key].copy_(tensor)
+        self.active_adapter = name
+
+    def delete_adapter(self, name: str) -> None:
+        """Forget the adapter ``name``; deleting the active one makes the first remaining one active."""
+        self._require_attached("delete_adapter")
+        if name not in self._names:
+            raise AdapterStateError(f"no adapter named {name!r} is loaded; loaded: {self._names}")
+        if len(self._names) == 1:
+            raise AdapterStateError(f"{name!r} is the only adapter: unload() removes it from the model")
+        if name == self.active_adapter:
+            self.set_adapter(next(n for n in self._names if n != name))
+        self._bank.pop(name)
+        self._names.remove(name)
+
+    @contextlib.contextmanager
+    def mixed_batch(self, names: list[str]):
+        """Inside, batch row i runs adapter ``names[i]`` (``"__base__"``: the base alone), as PEFT's mixed LoRA
+        batches (``adapter_names=``). Each adapter present is read out once for the whole block (a ``generate``
+        call): its θ_D is stacked with the others' in the activation dtype. Refused for a merged adapter and for
+        adapters that train biases (a bias cannot differ per row); heads in ``modules_to_save`` run per row."""
+        self._require_attached("mixed_batch")
+        if not isinstance(names, (list, tuple)) or not names or not all(isinstance(n, str) for n in names):
+            raise InvalidArgumentError("adapter_names must be a list of adapter names, one per batch row")
+        unknown = sorted(set(names) - set(self._names) - {BASE_NAME})
+        if unknown:
+            raise AdapterStateError(f"adapter_names holds {unknown}, which are not loaded; loaded: {self._names} "
+                                    f"(and {BASE_NAME!r} for the base alone)")
+        if any(layer.merged for _, layer in self.wrapped_layers()):
+            raise AdapterStateError("the adapter is merged into the weights: unmerge() before mixed batches")
+        if self._bias_originals:
+            raise AdapterStateError("these adapters train biases, which cannot differ from row to row; run them one at "
+                                    "a time (set_adapter) instead of in a mixed batch")
+        if self._mixed is not None:
+            raise AdapterStateError("mixed batches do not nest")
+        present = list(dict.fromkeys(n for n in names if n != BASE_NAME))
+        live_theta = self.theta_d.detach()
+        thetas = torch.stack([live_theta if n == self.active_adapter else self._bank[n][0] for n in present]) \
+            if present else live_theta.new_zeros((0, live_theta.numel()))
+        heads = {n: (self._live_tensors() if n == self.active_adapter else self._bank[n][1]) for n in present}
+        slots = torch.tensor([present.index(n) if n != BASE_NAME else -1 for n in names], dtype=torch.int32)
+        self._mixed = MixedBatch(self, present, thetas, slots, heads)
+        try:
+            yield self._mixed
+        finally:
+            self._mixed = None
 
     # -- files ----------------------------------------------------------------------------------
     def save_adapter(self, save_directory: str | os.PathLike, **kwargs) -> list[str]:

@@ -14,6 +14,7 @@ place: the live model is not changed), which loads with the base's own class and
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import types
 
@@ -30,7 +31,9 @@ def _adapter(model: nn.Module):
 
 
 NAMES = ("save_pretrained", "push_to_hub", "print_trainable_parameters", "get_nb_trainable_parameters",
-         "disable_adapter", "merge_and_unload", "unload", "merge_adapter", "unmerge_adapter")
+         "disable_adapter", "merge_and_unload", "unload", "merge_adapter", "unmerge_adapter", "load_adapter",
+         "set_adapter", "delete_adapter", "active_adapters", "list_adapters")
+WRAPPED = ("forward", "generate")
 
 
 def get_nb_trainable_parameters(model: nn.Module) -> tuple[int, int]:
@@ -163,12 +166,75 @@ def unmerge_adapter(model: nn.Module) -> None:
     _adapter(model).unmerge()
 
 
+def load_adapter(model: nn.Module, adapter: str | os.PathLike, adapter_name: str | None = None, **hub_kwargs):
+    """Load another adapter of the same projection and layout under ``adapter_name`` (PEFT's
+    ``model.load_adapter(path, adapter_name=...)``); it is kept beside the active one (`set_adapter`)."""
+    from .loading import load_adapter as load
+
+    return load(model, adapter, adapter_name=adapter_name, **hub_kwargs)
+
+
+def set_adapter(model: nn.Module, adapter_name: str) -> None:
+    _adapter(model).set_adapter(adapter_name)
+
+
+def delete_adapter(model: nn.Module, adapter_name: str) -> None:
+    _adapter(model).delete_adapter(adapter_name)
+
+
+def active_adapters(model: nn.Module) -> list[str]:
+    return [_adapter(model).active_adapter]
+
+
+def list_adapters(model: nn.Module) -> list[str]:
+    return _adapter(model).adapter_names
+
+
+def _expansion(model: nn.Module, kwargs: dict) -> int:
+    """How many rows ``generate`` makes of each input row: num_beams for beam search, else num_return_sequences."""
+    config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+    beams = kwargs.get("num_beams") or getattr(config, "num_beams", 1) or 1
+    if beams > 1:
+        return beams
+    return kwargs.get("num_return_sequences") or getattr(config, "num_return_sequences", 1) or 1
+
+
+def _wrap(model: nn.Module, name: str):
+    original = getattr(model, name)  # the class's method, or a wrapper someone set before (accelerate's)
+
+    @functools.wraps(original)
+    def call(*args, adapter_names=None, **kwargs):
+        if adapter_names is None:
+            return original(*args, **kwargs)
+        rows = list(adapter_names)
+        if name == "generate":
+            rows = [n for n in rows for _ in range(_expansion(model, kwargs))]
+        with _adapter(model).mixed_batch(rows):
+            return original(*args, **kwargs)
+
+    call.__unilora_wrapped__ = (name in model.__dict__, original)
+    return call
+
+
 def install(model: nn.Module) -> None:
-    """Bind PEFT's names on ``model`` (the instance, not the class)."""
+    """Bind PEFT's names on ``model`` (the instance, not the class), and let ``forward``/``generate`` take PEFT's
+    ``adapter_names=`` (one adapter per batch row)."""
     for name in NAMES:
         model.__dict__[name] = types.MethodType(globals()[name], model)
+    for name in WRAPPED:
+        if hasattr(model, name):
+            model.__dict__[name] = _wrap(model, name)
 
 
 def uninstall(model: nn.Module) -> None:
     for name in NAMES:
         model.__dict__.pop(name, None)
+    for name in WRAPPED:
+        current = model.__dict__.get(name)
+        marker = getattr(current, "__unilora_wrapped__", None)
+        if marker is not None:
+            had, original = marker
+            if had:
+                model.__dict__[name] = original
+            else:
+                model.__dict__.pop(name, None)

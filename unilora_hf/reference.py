@@ -43,3 +43,14 @@ def theta_d_grad(projection: Projection, grad_theta_D: torch.Tensor) -> torch.Te
     weighted = grad_theta_D.float() * projection.scales_of(idx)
     out = torch.zeros(projection.d, dtype=torch.float32, device=grad_theta_D.device)
     return out.index_add_(0, idx, weighted)
+
+
+def mixed_lora(x: torch.Tensor, slot: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """The mixed-batch LoRA term: row m gets ``round(x[m] A[slot[m]]ᵀ) B[slot[m]]ᵀ`` (zero where slot[m] < 0),
+    in x's dtype; x: M×K, slot: M, A: P×r×K, B: P×N×r. One pair of products per adapter present, over its
+    rows, so each row is computed exactly as it is with that adapter alone."""
+    out = x.new_zeros((x.shape[0], B.shape[1]))
+    for p in torch.unique(slot[slot >= 0]).tolist():
+        rows = (slot == p).nonzero().flatten()
+        out[rows] = (x[rows] @ A[p].t()) @ B[p].t()
+    return out

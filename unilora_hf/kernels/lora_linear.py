@@ -120,3 +120,36 @@ def add_lora(result: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Te
     with _no_autocast(x):
         x2 = _flat(x).to(A.dtype)
         return torch.addmm(_flat(result), x2 @ A.t(), B.t()).view(result.shape)
+
+
+def add_mixed_lora(result: torch.Tensor, x: torch.Tensor, slots: torch.Tensor, A: torch.Tensor,
+                   B: torch.Tensor) -> torch.Tensor:
+    """``result`` plus each row's own LoRA term (mixed batches): row m adds ``round(x[m] A[slots[m]]ᵀ)
+    B[slots[m]]ᵀ``, nothing where ``slots[m] < 0``. result/x flattened to rows; A: P×r×in, B: P×out×r in
+    result's dtype. On CUDA tensors with the triton backend, one launch of Kernel M (``mixed_kernels``) that adds
+    in place into a copy of ``result`` (in place when autograd does not need it); else the reference, one pair of
+    products per adapter present. Not differentiable in A and B on the kernel path."""
+    with _no_autocast(x):
+        y2, x2 = _flat(result), _flat(x).to(A.dtype)
+        kernels = None
+        if (y2.is_cuda and A.shape[1] <= 64 and not torch.compiler.is_compiling()
+                and dispatch.resolve_backend(y2.device) == "triton"):
+            from . import mixed_kernels
+
+            kernels = mixed_kernels.for_device(y2.device)
+        if kernels is not None and not (torch.is_grad_enabled() and (x.requires_grad or result.requires_grad)):
+            out = y2.contiguous()
+            kernels.add_mixed(out, x2.contiguous(), slots.to(device=out.device, dtype=torch.int32), A, B)
+            return out.view(result.shape)
+        return _mixed_reference(y2, x2, slots, A, B).view(result.shape)
+
+
+def _mixed_reference(y2: torch.Tensor, x2: torch.Tensor, slots: torch.Tensor, A: torch.Tensor,
+                     B: torch.Tensor) -> torch.Tensor:
+    """Each adapter present adds ``addmm(y rows, x rows Aᵀ, Bᵀ)`` to its rows, as the layer does for one adapter."""
+    out = y2.clone()
+    slots = slots.to(y2.device)
+    for p in torch.unique(slots[slots >= 0]).tolist():
+        rows = (slots == p).nonzero().flatten()
+        out[rows] = torch.addmm(y2[rows], x2[rows] @ A[p].t(), B[p].t())
+    return out

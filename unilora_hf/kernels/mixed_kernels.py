@@ -1,0 +1,148 @@
+"""Triton kernel of the mixed-batch adapted linear: every row its own adapter.
+
+For x ∈ R^{M×K} (token rows), ``slot ∈ {-1, 0, …, P-1}^M`` (the adapter of each row; -1: the base alone),
+and the read-out LoRA matrices of P adapters stacked as A ∈ R^{P×r×K}, B ∈ R^{P×N×r} (views of the
+stacked θ_D of the adapters present, in the activation dtype), Kernel M adds into y ∈ R^{M×N} in place:
+
+    y[m] += round(x[m] A[slot m]ᵀ) B[slot m]ᵀ        for every m with slot[m] ≥ 0
+
+in one launch. Each program owns a BM×BN tile of y. It first forms h = x Aᵀ (BM×r) over the whole K: when
+every live row of the tile has the same adapter (prefill: a tile lies inside one sequence), with two
+tensor-core products; otherwise (decode: one row per sequence) row by row, gathering each row's A. h is
+rounded to the activation dtype (as the unfused ``x @ A.t()`` stores it), then h Bᵀ is added to the loaded
+y tile in float32 and y is rounded once. A tile whose rows all have slot -1 returns at once. h is
+recomputed by every column tile (r·K per row and tile: small against the row's own K·N).
+
+The pure-PyTorch reference is ``reference.mixed_lora``; ``lora_linear.add_mixed_lora`` dispatches.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from ..errors import MissingDependencyError
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError as exc:  # pragma: no cover - exercised only without triton
+    raise MissingDependencyError(
+        'the Triton kernels of unilora_hf need the triton package: pip install "unilora_hf[triton]"'
+    ) from exc
+
+from . import triton_modes
+
+R_MAX = 64
+
+
+@triton.jit
+def _mixed_kernel(
+    x_ptr, slot_ptr, a_ptr, b_ptr, y_ptr,
+    M, N, K, r,
+    sxm, sxk, sap, sar, sak, sbp, sbn, sbr, sym, syn,
+    UPCAST: tl.constexpr, R: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+):
+    n_n = (N + BN - 1) // BN
+    pid_m = tl.program_id(0) // n_n
+    pid_n = tl.program_id(0) % n_n
+    rm = pid_m * BM + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    rr = tl.arange(0, R)
+    rk = tl.arange(0, BK)
+    live_m = rm < M
+    live_n = rn < N
+    live_r = rr < r
+    slot = tl.load(slot_ptr + rm, mask=live_m, other=-1)
+    live = slot >= 0
+    hi = tl.max(slot, axis=0)
+    if hi < 0:
+        return
+    lo = tl.min(tl.where(live, slot, hi), axis=0)
+    s = tl.where(live, slot, lo).to(tl.int64)
+    x_rows = x_ptr + rm.to(tl.int64)[:, None] * sxm
+    h = tl.full((BM, R), 0.0, tl.float32)
+    if lo == hi:  # one adapter for every live row: tensor-core products
+        a_cols = a_ptr + hi.to(tl.int64) * sap + rr[None, :] * sar
+        for k0 in range(0, K, BK):
+            kk = k0 + rk
+            live_k = kk < K
+            xt = tl.load(x_rows + kk[None, :] * sxk, mask=live_m[:, None] & live_k[None, :], other=0.0)
+            at = tl.load(a_cols + kk[:, None] * sak, mask=live_k[:, None] & live_r[None, :], other=0.0)
+            if UPCAST:
+                h = tl.dot(xt.to(tl.float32), at.to(tl.float32), h, input_precision="ieee")
+            else:
+                h = tl.dot(xt, at, h)
+    else:  # rows of several adapters: each row gathers its own A
+        a_rows = a_ptr + s[:, None, None] * sap + rr[None, :, None] * sar
+        for k0 in range(0, K, BK):
+            kk = k0 + rk
+            live_k = kk < K
+            xt = tl.load(x_rows + kk[None, :] * sxk, mask=live_m[:, None] & live_k[None, :], other=0.0)
+            at = tl.load(a_rows + kk[None, None, :] * sak,
+                         mask=live_r[None, :, None] & live_k[None, None, :], other=0.0)
+            h += tl.sum(xt.to(tl.float32)[:, None, :] * at.to(tl.float32), axis=2)
+    h = tl.where(live[:, None], h, 0.0).to(y_ptr.dtype.element_ty)
+    if lo == hi:
+        bt = tl.load(b_ptr + hi.to(tl.int64) * sbp + rr[:, None] * sbr + rn[None, :] * sbn,
+                     mask=live_r[:, None] & live_n[None, :], other=0.0)
+        if UPCAST:
+            acc = tl.dot(h.to(tl.float32), bt.to(tl.float32), input_precision="ieee")
+        else:
+            acc = tl.dot(h, bt)
+    else:
+        bt = tl.load(b_ptr + s[:, None, None] * sbp + rn[None, :, None] * sbn + rr[None, None, :] * sbr,
+                     mask=live_n[None, :, None] & live_r[None, None, :], other=0.0)
+        acc = tl.sum(h.to(tl.float32)[:, None, :] * bt.to(tl.float32), axis=2)
+    y_ptrs = y_ptr + rm.to(tl.int64)[:, None] * sym + rn[None, :] * syn
+    mask = live_m[:, None] & live_n[None, :]
+    y = tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptrs, (y + acc).to(y_ptr.dtype.element_ty), mask=mask & live[:, None])
+
+
+def interpreted() -> bool:
+    return type(_mixed_kernel).__name__ == "InterpretedFunction"
+
+
+def for_device(device: torch.device | str):
+    return triton_modes.for_device(sys.modules[__name__], interpreted(), device)
+
+
+_MIXED = triton_modes.FastLauncher(_mixed_kernel)
+_PLANS: dict = {}
+
+
+def _tiles(rows: int) -> tuple[int, int, int, int]:
+    """(BM, BN, BK, num_warps): small row tiles when rows mix adapters (decode), larger for prefill."""
+    if interpreted():
+        return 16, 16, 16, 1
+    return (16, 64, 32, 4) if rows <= 256 else (64, 64, 64, 4)
+
+
+def add_mixed(y: torch.Tensor, x: torch.Tensor, slot: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """Kernel M: ``y[m] += round(x[m] A[slot[m]]ᵀ) B[slot[m]]ᵀ`` in place for rows with ``slot[m] ≥ 0``;
+    returns y. x: M×K, y: M×N (one dtype), slot: M int32, A: P×r×K, B: P×N×r (x's dtype)."""
+    M, K = x.shape
+    N, r = B.shape[1], A.shape[1]
+    if not 1 <= r <= R_MAX:
+        raise ValueError(f"the mixed-batch kernel supports ranks 1..{R_MAX}, not r = {r}")
+    R = max(16, 1 << (r - 1).bit_length())
+    bm, bn, bk, warps = _tiles(M)
+    grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
+    ints = (M, N, K, r, *x.stride(), *A.stride(), *B.stride(), *y.stride())
+    key = None
+    if _MIXED.direct and x.is_contiguous() and y.is_contiguous() and A.is_contiguous() and B.is_contiguous():
+        aligned = (x.data_ptr() | y.data_ptr() | A.data_ptr() | B.data_ptr() | slot.data_ptr()) % 16 == 0
+        key = (M, K, N, r, A.shape[0], x.dtype, slot.dtype, aligned, x.get_device())
+        compiled = _MIXED.cached(key)
+        if compiled is not None and key[-1] == torch.cuda.current_device():
+            _MIXED.run(compiled, grid[0], key[-1], x, slot, A, B, y, *ints)
+            return y
+    _MIXED.launch(key, grid, x.device, x, slot, A, B, y, M, N, K, r,
+                  *x.stride(), *A.stride(), *B.stride(), *y.stride(),
+                  interpreted() or x.dtype == torch.float32, R, bm, bn, bk, num_warps=warps)
+    return y
+
+
+__all__ = ["R_MAX", "add_mixed", "for_device", "interpreted"]
