@@ -41,13 +41,14 @@ def results(tmp_path_factory):
          "--profile-steps", "1"],
         [str(BENCH / "load.py"), "--tiny", "--out", str(out / "load.json"), "--peft-max-d", "4096"],
         [str(BENCH / "inference.py"), "--tiny", "--out", str(out / "inference.json")],
+        [str(BENCH / "multi_adapter.py"), "--tiny", "--out", str(out / "multi.json")],
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     env.pop("UNILORA_HF_KERNELS", None)
     proc = subprocess.run([sys.executable, "-c", DRIVER.format(bench=str(BENCH), runs=runs)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return {name: json.loads((out / f"{name}.json").read_text()) for name in ("train", "load", "inference")} | {
+    return {name: json.loads((out / f"{name}.json").read_text()) for name in ("train", "load", "inference", "multi")} | {
         "stdout": proc.stdout}
 
 
@@ -57,7 +58,7 @@ def _no_errors(rows: dict) -> None:
 
 
 def test_scripts_measure_this_checkout_on_cpu(results):
-    for name in ("train", "load", "inference"):
+    for name in ("train", "load", "inference", "multi"):
         env = results[name]["environment"]
         assert Path(env["unilora_hf_path"]) == REPO / "unilora_hf"
         assert env["device"] == "cpu" and env["unilora_kernel_backend"] == "reference"
@@ -152,15 +153,32 @@ def test_inference_record(results):
     assert rows["unilora_hf_merged"]["merge_s"] > 0 and rows["peft_unilora_merged"]["merge_s"] > 0
 
 
+def test_multi_adapter_record(results):
+    rec = results["multi"]
+    rows, a = rec["rows"], rec["args"]
+    _no_errors(rows)
+    assert list(rows) == ["base", "one_adapter", "mixed", "peft_lora_mixed", "peft_unilora_serial"]
+    for key, row in rows.items():
+        assert row["tokens_per_s"] == pytest.approx(row["rows"] * row["new_tokens"] / row["generate_s"])
+    assert rows["mixed"]["rows"] == a["batch"] == 4 and rows["peft_lora_mixed"]["new_tokens"] == a["peft_new_tokens"]
+    # row 0 of the mixed batch runs adapter u0, the adapter every row of one_adapter runs: same greedy tokens
+    assert rows["mixed"]["first_tokens"][0] == rows["one_adapter"]["first_tokens"][0]
+    res = rec["resident"]
+    assert res["resident_counts"] == [1, 10] and set(res["beyond_base_gib"]) == {"1", "10"}
+    assert 0 < res["switch_ms"] and 0 < res["add_ms"]
+    assert "| run | tokens/s (generate) | decode tokens/s |" in results["stdout"]
+
+
 def test_bad_arguments_are_named(capsys):
     sys.path.insert(0, str(BENCH))
     try:
         import inference
         import load
+        import multi_adapter
         import train_step
     finally:
         sys.path.remove(str(BENCH))
-        for name in ("common", "inference", "load", "train_step"):
+        for name in ("common", "inference", "load", "multi_adapter", "train_step"):
             sys.modules.pop(name, None)
     with pytest.raises(SystemExit):
         train_step.parse_args(["--out", "x.json", "--only", "floor,bogus"])
@@ -177,3 +195,6 @@ def test_bad_arguments_are_named(capsys):
     args = train_step.parse_args(["--out", "x.json", "--size", "7b"])
     assert (args.batch, args.seq, args.r, args.d, args.warmup, args.steps, args.dtype) == (4, 1024, 16, 2**19, 3, 10,
                                                                                           "bf16")
+    with pytest.raises(SystemExit):
+        multi_adapter.parse_args(["--out", "x.json", "--only", "mixed,lora"])
+    assert "--only: unknown row(s) ['lora']" in capsys.readouterr().err
