@@ -161,6 +161,26 @@ def test_mixed_batches_run_each_adapters_own_head(tmp_path):
         assert torch.equal(mixed[i], per[name][i]), name
 
 
+def test_kept_adapters_follow_the_model_when_it_is_moved_or_cast(tmp_path):
+    """model.to(...) moves the live parameters only; the kept adapters follow on first use (float64 here; the
+    same code path moves them to CUDA, tested on the GPU)."""
+    config = UniLoraConfig(r=2, theta_d_length=100, target_modules=["query", "value"], modules_to_save=["classifier"])
+    folders = [saved(tmp_path / f"h{i}", seed=i, config=config, build=tiny_bert) for i in range(2)]
+    reference = resident(folders, build=tiny_bert).double()
+    model = resident(folders, build=tiny_bert)
+    ids = tokens(model, batch=2)
+    model.double()
+    with torch.no_grad():
+        mixed = model(input_ids=ids, adapter_names=["a1", "a0"]).logits
+        reference.set_adapter("a1")
+        one = reference(input_ids=ids).logits
+        model.set_adapter("a1")
+        switched = model(input_ids=ids).logits
+    assert mixed.dtype == torch.float64
+    assert torch.equal(switched, one)
+    assert torch.equal(mixed[0], one[0])
+
+
 def test_mixed_batches_are_refused_where_rows_cannot_differ(tmp_path, three):
     model = resident(three[:2])
     with pytest.raises(AdapterStateError, match="not loaded"):

@@ -207,6 +207,7 @@ class UniLoraAdapter:
         self._slot = {spec.offset: i for i, spec in enumerate(layers)}
         self._split_sizes = [n for spec in layers for n in spec.split_sizes]
         self._bias_originals: dict[str, torch.Tensor] = {}
+        self._layer_modules: list | None = None
         self._requires_grad_before: list[tuple[nn.Parameter, bool]] = []
         self._tie_configs: list[tuple[object, str]] = []
         self._first_layer: UniLoraLinear | None = None
@@ -271,6 +272,11 @@ class UniLoraAdapter:
             self.model.register_forward_pre_hook(self._open_pass),
             self.model.register_forward_hook(self._close_pass, always_call=True),
         ]
+
+    def _any_merged(self) -> bool:
+        if self._layer_modules is None:  # the wrapped layers are fixed from injection to unload
+            self._layer_modules = [m for _, m in self.wrapped_layers()]
+        return any(m.merged for m in self._layer_modules)
 
     def _first_adapted_layer(self) -> UniLoraLinear | None:
         if self._first_layer is None:
@@ -402,7 +408,7 @@ class UniLoraAdapter:
         """Run the base model alone inside this context: no LoRA product, the original heads, the base's own
         biases (an unmerged adapter only)."""
         self._require_attached("disabled")
-        if any(m.merged for _, m in self.wrapped_layers()):
+        if self._any_merged():
             raise AdapterStateError("the adapter is merged into the weights; unmerge() before disabling it")
         if not self.enabled:
             yield
@@ -484,7 +490,7 @@ class UniLoraAdapter:
         """Subtract ΔW again (exact up to the rounding of the weight's dtype; a shared weight comes back
         exactly, as it was never written)."""
         self._require_attached("unmerge")
-        if not any(layer.merged for _, layer in self.wrapped_layers()):
+        if not self._any_merged():
             return
         theta_D = self._theta_D_now()
         for _, layer in self.wrapped_layers():
@@ -612,6 +618,19 @@ class UniLoraAdapter:
         self._bank[name] = state
         self._names.append(name)
 
+    def _banked(self, name: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The kept (θ_d, tensors) of ``name`` on the live tensors' devices: ``model.to(...)`` moves the live
+        parameters only, so a kept adapter follows on its first use after a move."""
+        theta, tensors = self._bank[name]
+        live_theta = self.theta_d
+        live = self._live_tensors() if tensors else {}
+        if theta.device != live_theta.device or any((t.device, t.dtype) != (live[k].device, live[k].dtype)
+                                                    for k, t in tensors.items()):
+            theta = theta.to(live_theta.device)
+            tensors = {k: t.to(device=live[k].device, dtype=live[k].dtype) for k, t in tensors.items()}
+            self._bank[name] = (theta, tensors)
+        return theta, tensors
+
     def set_adapter(self, name: str) -> None:
         """Make ``name`` the adapter the model runs (and trains). Costs one copy of θ_d (d values) and of the
         heads; the next forward reads the new θ_D out, nothing of size D is built here."""
@@ -620,15 +639,18 @@ class UniLoraAdapter:
             return
         if name not in self._bank:
             raise AdapterStateError(f"no adapter named {name!r} is loaded; loaded: {self._names}")
-        if any(layer.merged for _, layer in self.wrapped_layers()):
+        if self._any_merged():
             raise AdapterStateError("the active adapter is merged into the weights: unmerge() before switching")
         if not self.enabled or self._mixed is not None:
             raise AdapterStateError("set_adapter() inside disabled() or a mixed batch: leave that block first")
-        live_theta, live = self.theta_d, self._live_tensors()
+        theta, tensors = self._banked(name)
+        # adapters are θ_d plus heads and biases: without those there is nothing else to keep per adapter
+        keeps_more = bool(tensors or self.head_names or self._bias_originals or self.config.bias != "none")
+        live_theta, live = self.theta_d, (self._live_tensors() if keeps_more else {})
         with torch.no_grad():
             self._bank[self.active_adapter] = (live_theta.detach().clone(),
                                                {k: t.detach().clone() for k, t in live.items()})
-            theta, tensors = self._bank.pop(name)
+            del self._bank[name]
             live_theta.copy_(theta)
             for key, tensor in tensors.items():
                 live[key].copy_(tensor)
@@ -659,7 +681,7 @@ class UniLoraAdapter:
         if unknown:
             raise AdapterStateError(f"adapter_names holds {unknown}, which are not loaded; loaded: {self._names} "
                                     f"(and {BASE_NAME!r} for the base alone)")
-        if any(layer.merged for _, layer in self.wrapped_layers()):
+        if self._any_merged():
             raise AdapterStateError("the adapter is merged into the weights: unmerge() before mixed batches")
         if self._bias_originals:
             raise AdapterStateError("these adapters train biases, which cannot differ from row to row; run them one at "
@@ -668,9 +690,10 @@ class UniLoraAdapter:
             raise AdapterStateError("mixed batches do not nest")
         present = list(dict.fromkeys(n for n in names if n != BASE_NAME))
         live_theta = self.theta_d.detach()
-        thetas = torch.stack([live_theta if n == self.active_adapter else self._bank[n][0] for n in present]) \
+        thetas = torch.stack([live_theta if n == self.active_adapter else self._banked(n)[0].to(live_theta.dtype)
+                              for n in present]) \
             if present else live_theta.new_zeros((0, live_theta.numel()))
-        heads = {n: (self._live_tensors() if n == self.active_adapter else self._bank[n][1]) for n in present}
+        heads = {n: (self._live_tensors() if n == self.active_adapter else self._banked(n)[1]) for n in present}
         slots = torch.tensor([present.index(n) if n != BASE_NAME else -1 for n in names], dtype=torch.int32)
         self._mixed = MixedBatch(self, present, thetas, slots, heads)
         try:

@@ -79,10 +79,10 @@ def _mixed_kernel(
         for k0 in range(0, K, BK):
             kk = k0 + rk
             live_k = kk < K
-            xt = tl.load(x_rows + kk[None, :] * sxk, mask=live_m[:, None] & live_k[None, :], other=0.0)
-            at = tl.load(a_rows + kk[None, None, :] * sak,
+            xg = tl.load(x_rows + kk[None, :] * sxk, mask=live_m[:, None] & live_k[None, :], other=0.0)
+            ag = tl.load(a_rows + kk[None, None, :] * sak,
                          mask=live_r[None, :, None] & live_k[None, None, :], other=0.0)
-            h += tl.sum(xt.to(tl.float32)[:, None, :] * at.to(tl.float32), axis=2)
+            h += tl.sum(xg.to(tl.float32)[:, None, :] * ag.to(tl.float32), axis=2)
     h = tl.where(live[:, None], h, 0.0).to(y_ptr.dtype.element_ty)
     if lo == hi:
         bt = tl.load(b_ptr + hi.to(tl.int64) * sbp + rr[:, None] * sbr + rn[None, :] * sbn,
@@ -92,9 +92,9 @@ def _mixed_kernel(
         else:
             acc = tl.dot(h, bt)
     else:
-        bt = tl.load(b_ptr + s[:, None, None] * sbp + rn[None, :, None] * sbn + rr[None, None, :] * sbr,
+        bg = tl.load(b_ptr + s[:, None, None] * sbp + rn[None, :, None] * sbn + rr[None, None, :] * sbr,
                      mask=live_n[None, :, None] & live_r[None, None, :], other=0.0)
-        acc = tl.sum(h.to(tl.float32)[:, None, :] * bt.to(tl.float32), axis=2)
+        acc = tl.sum(h.to(tl.float32)[:, None, :] * bg.to(tl.float32), axis=2)
     y_ptrs = y_ptr + rm.to(tl.int64)[:, None] * sym + rn[None, :] * syn
     mask = live_m[:, None] & live_n[None, :]
     y = tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32)
@@ -131,6 +131,7 @@ def add_mixed(y: torch.Tensor, x: torch.Tensor, slot: torch.Tensor, A: torch.Ten
     bm, bn, bk, warps = _tiles(M)
     grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
     ints = (M, N, K, r, *x.stride(), *A.stride(), *B.stride(), *y.stride())
+    consts = (interpreted() or x.dtype == torch.float32, R, bm, bn, bk)  # the launcher takes constexprs too
     key = None
     if _MIXED.direct:
         # every integer argument is in the key, so Triton's specialisation (== 1, % 16) is fixed by it; A and B
@@ -139,11 +140,9 @@ def add_mixed(y: torch.Tensor, x: torch.Tensor, slot: torch.Tensor, A: torch.Ten
         key = (ints, A.shape[0], x.dtype, y.dtype, slot.dtype, aligned, x.get_device())
         compiled = _MIXED.cached(key)
         if compiled is not None and key[-1] == torch.cuda.current_device():
-            _MIXED.run(compiled, grid[0], key[-1], x, slot, A, B, y, *ints)
+            _MIXED.run(compiled, grid[0], key[-1], x, slot, A, B, y, *ints, *consts)
             return y
-    _MIXED.launch(key, grid, x.device, x, slot, A, B, y, M, N, K, r,
-                  *x.stride(), *A.stride(), *B.stride(), *y.stride(),
-                  interpreted() or x.dtype == torch.float32, R, bm, bn, bk, num_warps=warps)
+    _MIXED.launch(key, grid, x.device, x, slot, A, B, y, *ints, *consts, num_warps=warps)
     return y
 
 
