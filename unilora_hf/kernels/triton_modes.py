@@ -15,6 +15,7 @@ and 16-byte alignment in it. Any launch hook (a profiler) or an interpreted kern
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import sys
@@ -33,6 +34,28 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
+@contextlib.contextmanager
+def interpreter_switch(interpret: bool):
+    """Triton's interpreter switch (the knob and ``TRITON_INTERPRET``) forced to ``interpret`` inside. Both the
+    ``@triton.jit`` decorator and the compiler consult it: a compiled kernel launched (and so compiled) while
+    the process runs with ``TRITON_INTERPRET=1`` (the CPU tests) must be compiled with the switch off."""
+    knobs = getattr(triton, "knobs", None)
+    saved = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1" if interpret else "0"
+    try:
+        if knobs is not None:
+            with knobs.runtime.scope():
+                knobs.runtime.interpret = interpret
+                yield
+        else:
+            yield
+    finally:
+        if saved is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = saved
+
+
 def variant(module, interpret: bool, is_interpreted: bool):
     """``module`` (whose kernels are interpreted iff ``is_interpreted``) with kernels in mode ``interpret``."""
     if is_interpreted == interpret:
@@ -44,21 +67,8 @@ def variant(module, interpret: bool, is_interpreted: bool):
         name = f"{package}._{base.lstrip('_')}_{'interpreted' if interpret else 'compiled'}"
         spec = importlib.util.spec_from_file_location(name, file)
         twin = importlib.util.module_from_spec(spec)
-        knobs = getattr(triton, "knobs", None)
-        saved = os.environ.get("TRITON_INTERPRET")
-        try:
-            if knobs is not None:
-                with knobs.runtime.scope():
-                    knobs.runtime.interpret = interpret
-                    spec.loader.exec_module(twin)
-            else:
-                os.environ["TRITON_INTERPRET"] = "1" if interpret else "0"
-                spec.loader.exec_module(twin)
-        finally:
-            if saved is None:
-                os.environ.pop("TRITON_INTERPRET", None)
-            else:
-                os.environ["TRITON_INTERPRET"] = saved
+        with interpreter_switch(interpret):
+            spec.loader.exec_module(twin)
         sys.modules[name] = _VARIANTS[key] = twin
     return _VARIANTS[key]
 
@@ -106,8 +116,12 @@ class FastLauncher:
         compiled.run(grid0, 1, 1, stream, compiled.function, compiled.packed_metadata, None, None, None, *args)
 
     def launch(self, key, grid, device: torch.device, *args, **options) -> None:
-        with torch.cuda.device(device) if device.type == "cuda" else _nothing():
-            result = self.kernel[grid](*args, **options)
+        if self.direct and interpreter_enabled():  # compiled kernel, CPU tests' switch on: compile with it off
+            with torch.cuda.device(device), interpreter_switch(False):
+                result = self.kernel[grid](*args, **options)
+        else:
+            with torch.cuda.device(device) if device.type == "cuda" else _nothing():
+                result = self.kernel[grid](*args, **options)
         if key is not None and self.direct and result is not None:
             self.compiled[key] = result
 
