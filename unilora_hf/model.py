@@ -291,17 +291,24 @@ class UniLoraAdapter:
     def lora_pair(self, spec: LayerSpec, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(A, B) of the layer with ``spec`` for the current root pass, in ``dtype`` on ``device`` (read out
         in float32, rounded once), or None outside a root pass or inside backward."""
-        if self._forward_depth == 0 or torch._C._current_graph_task_id() != -1:
+        if self._forward_depth == 0:
+            return None
+        # inside backward (activation checkpointing re-running a layer): the layer reads its own slice; a
+        # compiled graph needs no such check (AOT autograd replays the forward's readout)
+        if not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1:
             return None
         key = (device, dtype)
         theta = self.theta_d
-        if torch.is_grad_enabled() and theta.requires_grad:
+        differentiable = torch.is_grad_enabled() and theta.requires_grad
+        # Compiled, inference too reads out inside the graph (a custom op with a fake implementation): no
+        # Python-side buffer state to guard on, and a captured CUDA graph replays the readout of the live θ_d.
+        if differentiable or torch.compiler.is_compiling():
             views = self._views.get(key)
             if views is None:
                 if self._theta_D is None:
                     from .kernels import project_theta
 
-                    self._theta_D = project_theta(theta, self.projection)
+                    self._theta_D = project_theta(theta if differentiable else theta.detach(), self.projection)
                 views = self._views[key] = self._split(self._theta_D.to(device=device, dtype=dtype))
             return views[self._slot[spec.offset]]
         entry = self._static.get(key)

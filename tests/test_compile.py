@@ -1,0 +1,168 @@
+"""The adapter under ``torch.compile`` (CPU inductor here; CUDA and CUDA graphs with the ``gpu`` marker).
+
+Compiled must equal eager (outputs, losses, θ_d gradients and the trained θ_d), the adapted layers must add
+no graph break (the graph count does not grow with the number of adapted layers, and no break has a reason),
+repeated steps and in-place θ_d changes must not recompile, and a compiled inference graph (or a captured
+CUDA graph) must read the θ_d it is replayed with, not the one it was traced with.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch._dynamo as dynamo
+from models import tokens
+from torch._dynamo.utils import counters
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from unilora_hf import UniLoraConfig, get_adapter, inject_adapter
+
+CFG = UniLoraConfig(r=2, theta_d_length=64, target_modules="all-linear")
+
+
+def llama(layers: int, seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=44, num_hidden_layers=layers, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=96, max_position_embeddings=64)
+    return LlamaForCausalLM(cfg)
+
+
+def adapted(layers: int = 2, config: UniLoraConfig = CFG, seed: int = 0):
+    model = llama(layers, seed)
+    inject_adapter(model, config)
+    with torch.no_grad():
+        get_adapter(model).theta_d.uniform_(-0.2, 0.2, generator=torch.Generator().manual_seed(seed + 1))
+    return model
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    dynamo.reset()
+    counters.clear()
+    yield
+    dynamo.reset()
+
+
+@pytest.mark.parametrize("kind", ["native", "peft"])
+def test_no_graph_break_per_adapted_layer(kind):
+    """Training and inference: one graph for the model's forward (plus one for the root's pre-hook, which reads
+    θ_D out once per pass), the same count at 2 and 4 layers, and no break with a reason."""
+    config = UniLoraConfig(r=2, theta_d_length=64, target_modules="all-linear", projection=kind)
+    counts = {}
+    for layers in (2, 4):
+        for training in (True, False):
+            model = adapted(layers, config).train(training)
+            ids = tokens(model, 2, 6)
+            with torch.set_grad_enabled(training):
+                explained = dynamo.explain(model)(input_ids=ids, labels=ids)
+            assert explained.break_reasons == [], [b.reason for b in explained.break_reasons]
+            counts[layers, training] = explained.graph_count
+    assert counts[2, True] == counts[4, True] <= 2 and counts[2, False] == counts[4, False] == 1, counts
+
+
+def test_compiled_training_equals_eager_without_recompiles():
+    eager, compiled_model = adapted(), adapted()
+    compiled = torch.compile(compiled_model)
+    ids = tokens(eager, 2, 7)
+    opts = [torch.optim.SGD([get_adapter(m).theta_d], lr=0.5) for m in (eager, compiled_model)]
+    for step in range(3):
+        losses, grads = [], []
+        for model, run, opt in ((eager, eager, opts[0]), (compiled_model, compiled, opts[1])):
+            loss = run(input_ids=ids, labels=ids).loss
+            loss.backward()
+            losses.append(loss.detach())
+            grads.append(get_adapter(model).theta_d.grad.clone())
+            opt.step()
+            opt.zero_grad()
+        torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
+        assert grads[0].abs().max() > 1e-4
+    torch.testing.assert_close(get_adapter(compiled_model).theta_d, get_adapter(eager).theta_d, rtol=1e-5,
+                               atol=1e-6)
+    assert dict(counters.get("recompiles", {})) == {}
+
+
+def test_compiled_inference_reads_the_current_theta():
+    model = adapted().eval()
+    reference = adapted().eval()
+    compiled = torch.compile(model)
+    ids = tokens(model, 2, 6)
+    with torch.no_grad():
+        first = compiled(input_ids=ids).logits
+        torch.testing.assert_close(first, reference(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+        for m in (model, reference):  # an in-place change, as an optimizer step makes it
+            get_adapter(m).theta_d.mul_(-1.5)
+        second = compiled(input_ids=ids).logits
+        torch.testing.assert_close(second, reference(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+        assert (second - first).abs().max() > 1e-3
+    assert dict(counters.get("recompiles", {})) == {}
+
+
+def test_compiled_forward_with_static_cache_generates_the_eager_tokens():
+    model = adapted().eval()
+    with torch.no_grad():
+        get_adapter(model).theta_d.mul_(25.0)  # a strong adapter, so that it changes the greedy tokens
+    ids = tokens(model, 2, 5)
+    kwargs = dict(input_ids=ids, max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0,
+                  cache_implementation="static")
+    eager = model.generate(**kwargs)
+    with torch.no_grad():
+        with get_adapter(model).disabled():
+            base_tokens = model.generate(**kwargs)
+    model.forward = torch.compile(model.forward)
+    compiled = model.generate(**kwargs)
+    assert torch.equal(compiled, eager)
+    assert not torch.equal(eager, base_tokens)  # the adapter changes what is generated
+
+
+@pytest.mark.gpu
+class TestCuda:
+    @pytest.fixture(autouse=True)
+    def _cuda(self):
+        if not torch.cuda.is_available():
+            pytest.skip("needs CUDA")
+
+    @pytest.mark.parametrize("mode", ["default", "max-autotune-no-cudagraphs", "reduce-overhead"])
+    def test_compiled_training_step_on_cuda(self, mode):
+        """bf16 base, fp32 θ_d: loss and θ_d gradient of the compiled step equal eager's (bf16 tolerance), over
+        steps that change θ_d (a CUDA-graph replay must read the new θ_d)."""
+        eager, other = (adapted(2).cuda().to(torch.bfloat16) for _ in range(2))
+        for m in (eager, other):
+            get_adapter(m).theta_d.data = get_adapter(m).theta_d.data.float()
+        compiled = torch.compile(other, mode=mode)
+        ids = tokens(eager, 4, 16).cuda()
+        opts = [torch.optim.SGD([get_adapter(m).theta_d], lr=0.5) for m in (eager, other)]
+        for _ in range(3):
+            got = []
+            for model, run, opt in ((eager, eager, opts[0]), (other, compiled, opts[1])):
+                loss = run(input_ids=ids, labels=ids).loss
+                loss.backward()
+                got.append((loss.detach().float(), get_adapter(model).theta_d.grad.clone()))
+                opt.step()
+                opt.zero_grad()
+            torch.testing.assert_close(got[1][0], got[0][0], rtol=2e-2, atol=2e-2)
+            cos = torch.nn.functional.cosine_similarity(got[1][1], got[0][1], dim=0)
+            assert cos > 0.99, cos
+
+    def test_reduce_overhead_inference_replays_read_the_new_theta(self):
+        model = adapted(2).cuda().eval()
+        reference = adapted(2).cuda().eval()
+        compiled = torch.compile(model, mode="reduce-overhead")
+        ids = tokens(model, 2, 8).cuda()
+        with torch.no_grad():
+            for step in range(4):  # warm-up, record, replays
+                if step == 3:
+                    for m in (model, reference):
+                        get_adapter(m).theta_d.mul_(-2.0)
+                got = compiled(input_ids=ids).logits.clone()
+                torch.testing.assert_close(got, reference(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+
+    def test_static_cache_compiled_generate_on_cuda(self):
+        model = adapted(2).cuda().eval()
+        ids = tokens(model, 2, 5).cuda()
+        kwargs = dict(input_ids=ids, max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0,
+                      cache_implementation="static")
+        eager = model.generate(**kwargs, disable_compile=True)
+        compiled = model.generate(**kwargs)  # transformers compiles the decoding step for a static cache on CUDA
+        assert torch.equal(compiled, eager)
+
