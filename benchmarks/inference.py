@@ -19,6 +19,15 @@ adapter changes them), and for merged rows the largest difference against the sa
 
     python benchmarks/inference.py --out results/inference.json            # GPU, ~3-4 min
     python benchmarks/inference.py --tiny --out /tmp/i.json                # CPU, seconds
+
+``--compile``: decoding as users make it fast: ``generate(..., cache_implementation="static")``, which on CUDA
+compiles the decoding step (transformers' default ``compile_config``: CUDA graphs, ``reduce-overhead``). Rows
+``base``, ``unilora_hf_merged``, ``unilora_hf_unmerged`` and ``peft_lora`` are all resident; each is warmed up
+(compilation) and then timed over ``--rounds`` (3) interleaved rounds (A B C D A B C D ...): per round and row
+one generate of ``--new-tokens`` and one of 1 token; time per decoded token = (t_N - t_1) / (N - 1). Reported:
+the median over rounds, the spread, and the ratio to the base's time per token.
+
+    python benchmarks/inference.py --compile --out results/inference_compile.json
 """
 
 from __future__ import annotations
@@ -42,6 +51,7 @@ ROWS = {
     "peft_unilora_merged": "PEFT UniLoRA, merged (merge_adapter())",
     "base_again": "base model (again, at the end)",
 }
+COMPILED_ROWS = ("base", "unilora_hf_merged", "unilora_hf_unmerged", "peft_lora")
 # Which saved adapter each row loads, and which unmerged row its merged output is compared with.
 ADAPTER_OF = {"unilora_hf_merged": "unilora_hf", "unilora_hf_unloaded": "unilora_hf",
               "unilora_hf_unmerged": "unilora_hf", "peft_lora": "peft_lora", "peft_unilora": "peft_unilora",
@@ -57,7 +67,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--r", type=int, default=None, help="rank (default 16; tiny 4)")
     p.add_argument("--d", type=int, default=None, help="theta_d_length (default 2^19; tiny 512)")
     p.add_argument("--only", default=None, help=f"comma-separated rows out of {','.join(ROWS)}")
+    p.add_argument("--compile", action="store_true", help="static cache + compiled decoding, rows interleaved")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds with --compile (default 3)")
     args = p.parse_args(argv)
+    if args.compile and args.only is None:
+        args.only = ",".join(COMPILED_ROWS)
     tiny = args.tiny
     args.dtype = args.dtype or ("fp32" if tiny else "bf16")
     for name, full, small in (("prompt", 512, 8), ("new_tokens", 128, 4), ("repeats", 10, 2),
@@ -69,8 +83,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     unknown = [k for k in args.rows if k not in ROWS]
     if unknown or not args.rows:
         p.error(f"--only {args.only!r}: unknown row(s) {unknown}; rows are {','.join(ROWS)}")
-    if min(args.prompt, args.new_tokens, args.repeats, args.gen_repeats) < 1:
-        p.error("--prompt, --new-tokens, --repeats and --gen-repeats must be >= 1")
+    if min(args.prompt, args.new_tokens, args.repeats, args.gen_repeats, args.rounds) < 1:
+        p.error("--prompt, --new-tokens, --repeats, --gen-repeats and --rounds must be >= 1")
+    if args.compile and args.new_tokens < 2:
+        p.error("--compile needs --new-tokens >= 2 (time per token is (t_N - t_1) / (N - 1))")
+    if args.compile and not set(args.rows) <= set(COMPILED_ROWS):
+        p.error(f"--compile runs the rows {','.join(COMPILED_ROWS)} only")
     return args
 
 
@@ -162,6 +180,76 @@ def measure(key: str, args, cfg, device, dtype, folders, prompt) -> dict:
     return rec
 
 
+def run_compiled(args, cfg, device, dtype, folders, prompt, record: dict) -> None:
+    """``--compile``: every row resident, static-cache generate, rows interleaved round by round."""
+    started = time.perf_counter()
+    kwargs = dict(input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=False, pad_token_id=0,
+                  cache_implementation="static")
+    models = {}
+    for key in args.rows:
+        try:
+            base = common.build_llama(cfg, device, dtype, seed=0).eval()
+            base.generation_config.eos_token_id = None
+            base.generation_config.pad_token_id = 0
+            model, rec = attach(key, base, folders.get(ADAPTER_OF.get(key)))
+            # transformers compiles the static-cache decoding step on CUDA only: on CPU the rows run eager
+            rec["label"] = ROWS[key] + (", static cache, compiled" if device.type == "cuda" else ", static cache")
+            with torch.no_grad():
+                rec["last_logits"] = model(input_ids=prompt).logits[0, -1].float().cpu()
+                rec["warmup_s"], out = common.timed(
+                    lambda m=model: [m.generate(**kwargs, max_new_tokens=n, min_new_tokens=n)
+                                     for n in (args.new_tokens, 1, args.new_tokens)][-1], device)
+            rec["first_tokens"] = out[0, prompt.shape[1]:prompt.shape[1] + 8].tolist()
+            compile_config = getattr(model.generation_config, "compile_config", None)
+            rec["compile_config"] = repr(compile_config)
+            rec["rounds_ms_per_token"] = []
+            models[key] = (model, rec)
+        except Exception as exc:
+            import traceback
+
+            traceback.print_exc()
+            record["rows"][key] = {"error": f"{type(exc).__name__}: {exc}"}
+    n = args.new_tokens
+    for r in range(args.rounds):
+        for key, (model, rec) in models.items():
+            with torch.no_grad():
+                t_n, _ = common.timed(lambda: model.generate(**kwargs, max_new_tokens=n, min_new_tokens=n), device)
+                t_1, _ = common.timed(lambda: model.generate(**kwargs, max_new_tokens=1, min_new_tokens=1), device)
+            rec["rounds_ms_per_token"].append((t_n - t_1) / (n - 1) * 1e3)
+            rec.setdefault("generate_all_s", []).append(t_n)
+        print(f"[{time.strftime('%H:%M:%S')}] round {r + 1}/{args.rounds} done", flush=True)
+    for key, (model, rec) in models.items():
+        per = rec["rounds_ms_per_token"]
+        rec["ms_per_token"] = statistics.median(per)
+        rec["spread_pct"] = 100 * (max(per) - min(per)) / rec["ms_per_token"]
+        rec["decode_tok_s"] = 1e3 / rec["ms_per_token"]
+        record["rows"][key] = rec
+    base = record["rows"].get("base", {})
+    for key, rec in record["rows"].items():
+        if "ms_per_token" in rec and "ms_per_token" in base:
+            rec["per_token_vs_base"] = rec["ms_per_token"] / base["ms_per_token"]
+            rec["max_logit_change_vs_base"] = (rec["last_logits"] - base["last_logits"]).abs().max().item()
+    for rec in record["rows"].values():
+        rec.pop("last_logits", None)
+    targets = {}
+    for key, name, limit in (("unilora_hf_unmerged", "unmerged, static cache + compile <= 1.10 x base per token", 1.10),
+                             ("unilora_hf_merged", "merged, static cache + compile <= 1.02 x base per token", 1.02)):
+        if "per_token_vs_base" in record["rows"].get(key, {}):
+            targets[name] = record["rows"][key]["per_token_vs_base"] <= limit
+    record["targets"] = targets
+    headers = ["run", "ms per token (median of rounds)", "round values ms", "spread %", "x base per token",
+               "warm-up s (compile)", "max logit change vs base"]
+    table = [[rec["label"], rec["ms_per_token"], " / ".join(f"{v:.2f}" for v in rec["rounds_ms_per_token"]),
+              rec["spread_pct"], rec.get("per_token_vs_base"), rec["warmup_s"], rec.get("max_logit_change_vs_base")]
+             if "ms_per_token" in rec else [key, "error: " + rec.get("error", "?")[:80]] + [None] * 5
+             for key, rec in record["rows"].items()]
+    s = record["settings"]
+    record["total_s"] = time.perf_counter() - started
+    print(f"\n### Decoding with a static cache, compiled: {s['size']} Llama shape, {s['dtype']}, prompt {s['prompt']}, "
+          f"{s['new_tokens']} new tokens, {args.rounds} interleaved rounds; {record['environment']['device_name']}\n")
+    common.print_footer(headers, table, record)
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     device = common.pick_device("cpu" if args.tiny and args.device is None else args.device)
@@ -183,6 +271,11 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory(prefix="unilora_inference_bench_") as tmp:
         needed = {ADAPTER_OF[k] for k in args.rows if k in ADAPTER_OF}
         folders = save_adapters(needed, cfg, args, device, dtype, Path(tmp))
+        if args.compile:
+            record["settings"].update(compile=True, rounds=args.rounds, cache_implementation="static")
+            run_compiled(args, cfg, device, dtype, folders, prompt, record)
+            common.write_json(args.out, record)
+            return record
         for key in args.rows:
             record["rows"][key] = common.run_row(key, lambda k=key: measure(k, args, cfg, device, dtype, folders,
                                                                             prompt), device)

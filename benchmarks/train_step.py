@@ -27,6 +27,17 @@ which catches state of any kind kept between steps (the target: nothing of size 
     python benchmarks/train_step.py --size 7b --out results/train_step_7b.json
     python benchmarks/train_step.py --tiny --out /tmp/t.json                    # CPU, seconds
     python benchmarks/train_step.py --only unilora_hf --profile unilora_hf --out /tmp/p.json
+
+Compiled and interleaved (``--compile MODE``, MODE one of default, max-autotune-no-cudagraphs,
+reduce-overhead): every row's model is built and kept resident, once eager and once ``torch.compile(model,
+mode=MODE)`` (``--no-eager``: compiled only); each variant runs ``--warmup`` steps (compilation included,
+timed as ``warmup_s``); then ``--rounds`` rounds (default 3) each run ``--steps`` steps of every variant in
+turn (A B C A B C ...), so host drift hits every row alike. Reported per variant: the median and minimum over
+all timed steps and the spread of the per-round medians; ratios to the floor of the same mode. Rows default
+to floor, peft_lora, unilora_hf. With reduce-overhead each step begins with
+``torch.compiler.cudagraph_mark_step_begin()``.
+
+    python benchmarks/train_step.py --compile default --out results/train_compile_1b.json
 """
 
 from __future__ import annotations
@@ -37,6 +48,7 @@ import time
 import common
 import torch
 
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "reduce-overhead")
 ROWS = {
     "floor": "frozen base, no adapter (floor)",
     "peft_lora": "PEFT LoRA",
@@ -59,7 +71,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--profile", default=None, metavar="ROW",
                    help="also profile ROW for --profile-steps steps and print its top kernels")
     p.add_argument("--profile-steps", type=int, default=3)
+    p.add_argument("--compile", default=None, choices=COMPILE_MODES,
+                   help="compile every row with this torch.compile mode and interleave the rows (see above)")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds with --compile (default 3)")
+    p.add_argument("--no-eager", action="store_true", help="with --compile: no eager twin of each row")
     args = p.parse_args(argv)
+    if args.compile is not None and args.only is None:
+        args.only = "floor,peft_lora,unilora_hf"
     tiny = args.tiny
     args.dtype = args.dtype or ("fp32" if tiny else "bf16")
     for name, full, small in (("batch", 4, 2), ("seq", 1024, 32), ("r", 16, 4), ("d", 2**19, 512),
@@ -72,8 +90,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--only {args.only!r}: unknown row(s) {unknown}; rows are {','.join(ROWS)}")
     if args.profile is not None and args.profile not in args.rows:
         p.error(f"--profile {args.profile!r} must be one of the rows being run: {','.join(args.rows)}")
-    if args.steps < 1 or args.warmup < 0:
-        p.error("--steps must be >= 1 and --warmup >= 0")
+    if args.steps < 1 or args.warmup < 0 or args.rounds < 1:
+        p.error("--steps and --rounds must be >= 1 and --warmup >= 0")
+    if args.compile is not None and args.profile is not None:
+        p.error("--profile profiles the eager rows: run it without --compile")
     return args
 
 
@@ -154,6 +174,75 @@ def run(key: str, args, cfg, device, dtype, ids) -> dict:
     return rec
 
 
+def build_variant(key: str, mode: str | None, args, cfg, device, dtype, ids) -> dict:
+    """One resident row: the model with its adapter, eager (mode None) or compiled with ``mode``, and its step."""
+    t0 = time.perf_counter()
+    base = common.build_llama(cfg, device, dtype, seed=0).train()
+    model, params = attach(key, base, args)
+    run_model = model if mode is None else torch.compile(model, mode=mode)
+    opt = torch.optim.AdamW(params, lr=1e-4) if params else None
+    graphs = mode == "reduce-overhead"
+
+    def step():
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        loss = run_model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        if opt is not None:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return loss.detach().float()
+
+    return {"key": key, "mode": mode or "eager", "step": step, "params": params, "model": model,
+            "rec": {"label": f"{ROWS[key]}, {mode or 'eager'}", "trainable": sum(p.numel() for p in params),
+                    "build_s": time.perf_counter() - t0}}
+
+
+def run_interleaved(args, cfg, device, dtype, ids, record: dict) -> None:
+    """``--compile``: every variant resident, warmed up, then timed round by round (see the docstring)."""
+    modes = ([None] if not args.no_eager else []) + [args.compile]
+    variants = []
+    for key in args.rows:
+        for mode in modes:
+            name = f"{key}@{mode or 'eager'}"
+            try:
+                print(f"[{time.strftime('%H:%M:%S')}] build {name}", flush=True)
+                v = build_variant(key, mode, args, cfg, device, dtype, ids)
+                before = common.param_sample(v["params"])
+                seconds, _ = common.timed(lambda v=v: [v["step"]() for _ in range(max(args.warmup, 1))], device)
+                v["rec"]["warmup_s"] = seconds
+                v["before"], v["times"], v["rounds"] = before, [], []
+                variants.append((name, v))
+            except Exception as exc:  # a row that cannot compile is reported, the others still run
+                import traceback
+
+                traceback.print_exc()
+                record["rows"][name] = {"error": f"{type(exc).__name__}: {exc}"}
+    for r in range(args.rounds):
+        for name, v in variants:
+            if "error" in v["rec"]:
+                continue
+            try:
+                times = [common.timed(v["step"], device)[0] for _ in range(args.steps)]
+            except Exception as exc:
+                v["rec"]["error"] = f"{type(exc).__name__}: {exc}"
+                continue
+            v["times"] += times
+            v["rounds"].append(common.summary_ms(times)["median_ms"])
+        print(f"[{time.strftime('%H:%M:%S')}] round {r + 1}/{args.rounds} done", flush=True)
+        for name, v in variants:
+            rec = v["rec"]
+            if v["times"] and "error" not in rec:
+                rec.update(common.summary_ms(v["times"]))
+                rec["round_medians_ms"] = v["rounds"]
+                rec["spread_pct"] = 100 * (max(v["rounds"]) - min(v["rounds"])) / rec["median_ms"]
+            record["rows"][name] = rec
+        common.write_json(args.out, record)  # a run cut short still leaves the rounds done so far
+    for name, v in variants:
+        if v["params"]:
+            v["rec"]["params_moved"] = common.moved(v["params"], v["before"])
+
+
 def profile(step, n: int, device) -> dict:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
@@ -192,6 +281,14 @@ def main(argv=None) -> dict:
     }
     print(f"train_step: {record['settings']}\nenvironment: {record['environment']}", flush=True)
     t_all = time.perf_counter()
+    if args.compile is not None:
+        record["settings"].update(compile=args.compile, rounds=args.rounds, interleaved=True)
+        run_interleaved(args, cfg, device, dtype, ids, record)
+        record["total_s"] = time.perf_counter() - t_all
+        add_compiled_ratios(record)
+        print_compiled_table(record)
+        common.write_json(args.out, record)
+        return record
     for key in args.rows:
         record["rows"][key] = common.run_row(key, lambda k=key: run(k, args, cfg, device, dtype, ids), device)
     record["total_s"] = time.perf_counter() - t_all
@@ -225,6 +322,50 @@ def add_ratios(record: dict) -> None:
             if ours["peak_bytes"] is not None:
                 targets["peak <= PEFT LoRA"] = ours["peak_bytes"] <= rows["peft_lora"]["peak_bytes"]
     record["targets"] = targets
+
+
+def add_compiled_ratios(record: dict) -> None:
+    """Ratios within one mode: to that mode's floor and PEFT LoRA; the targets of the compile issue."""
+    rows = record["rows"]
+    for name, rec in rows.items():
+        if "median_ms" not in rec:
+            continue
+        mode = name.split("@", 1)[1]
+        for ref in ("floor", "peft_lora"):
+            other = rows.get(f"{ref}@{mode}", {})
+            if "median_ms" in other:
+                rec[f"step_vs_{ref}"] = rec["median_ms"] / other["median_ms"]
+    mode = record["settings"]["compile"]
+    ours, eager = rows.get(f"unilora_hf@{mode}", {}), rows.get("unilora_hf@eager", {})
+    targets = {}
+    if "step_vs_floor" in ours:
+        targets["compiled step <= 1.15 x compiled floor"] = ours["step_vs_floor"] <= 1.15
+    if "step_vs_peft_lora" in ours:
+        targets["compiled step < compiled PEFT LoRA"] = ours["step_vs_peft_lora"] < 1.0
+    if "step_vs_floor" in eager:
+        targets["eager step <= 1.3 x eager floor"] = eager["step_vs_floor"] <= 1.3
+    record["targets"] = targets
+
+
+def print_compiled_table(record: dict) -> None:
+    s, env = record["settings"], record["environment"]
+    print(f"\n### Training step, torch.compile mode {s['compile']!r}, interleaved over {s['rounds']} rounds: "
+          f"{s['size']} Llama shape ({s['layers']} layers), {s['dtype']}, batch {s['batch']} x {s['seq']}, r = {s['r']}, "
+          f"d = {s['d']:,}; {env['device_name']}\n")
+    headers = ["run", "step ms (median)", "step ms (min)", "round medians ms", "spread %", "warm-up s (compile)",
+               "x floor (same mode)", "x PEFT LoRA (same mode)"]
+    table = []
+    for name, rec in record["rows"].items():
+        if "median_ms" not in rec:
+            table.append([name, "error: " + rec.get("error", "no timed step")[:80]] + [None] * (len(headers) - 2))
+            continue
+        table.append([rec["label"], rec["median_ms"], rec["min_ms"],
+                      " / ".join(f"{m:.1f}" for m in rec["round_medians_ms"]), rec["spread_pct"], rec.get("warmup_s"),
+                      rec.get("step_vs_floor"), rec.get("step_vs_peft_lora")])
+    print(common.markdown_table(headers, table))
+    if record["targets"]:
+        print("\nProject targets: " + "; ".join(f"{k}: {'met' if v else 'MISSED'}" for k, v in record["targets"].items()))
+    print(f"\ntotal {record['total_s']:.1f} s")
 
 
 def print_tables(record: dict) -> None:

@@ -267,6 +267,11 @@ class UniLoraAdapter:
         self._static = {}
         self._filled = set()
 
+    def _find_layers(self) -> None:
+        """Found once after injection, not lazily in the first pass: a compiled pass guards on these."""
+        self._layer_modules = [m for _, m in self.wrapped_layers()]
+        self._first_layer = self._layer_modules[0] if self._layer_modules else None
+
     def _install_hooks(self) -> None:
         self._hooks = [
             self.model.register_forward_pre_hook(self._open_pass),
@@ -803,6 +808,7 @@ def inject_adapter(model: nn.Module, config: UniLoraConfig, theta_d: torch.Tenso
             original = model.get_submodule(name)
             _set_submodule(model, name, ModulesToSave(original, model))
             undo.add(lambda name=name, original=original: _set_submodule(model, name, original))
+        adapter._find_layers()
         params = dict(model.named_parameters())
         for name in plan.biases:
             param = params[_live_name(model, name)]
