@@ -42,13 +42,14 @@ def results(tmp_path_factory):
         [str(BENCH / "load.py"), "--tiny", "--out", str(out / "load.json"), "--peft-max-d", "4096"],
         [str(BENCH / "inference.py"), "--tiny", "--out", str(out / "inference.json")],
         [str(BENCH / "multi_adapter.py"), "--tiny", "--out", str(out / "multi.json")],
+        [str(BENCH / "inference.py"), "--tiny", "--compile", "--rounds", "2", "--out", str(out / "static.json")],
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     env.pop("UNILORA_HF_KERNELS", None)
     proc = subprocess.run([sys.executable, "-c", DRIVER.format(bench=str(BENCH), runs=runs)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return {name: json.loads((out / f"{name}.json").read_text()) for name in ("train", "load", "inference", "multi")} | {
+    return {name: json.loads((out / f"{name}.json").read_text()) for name in ("train", "load", "inference", "multi", "static")} | {
         "stdout": proc.stdout}
 
 
@@ -167,6 +168,42 @@ def test_multi_adapter_record(results):
     assert res["resident_counts"] == [1, 10] and set(res["beyond_base_gib"]) == {"1", "10"}
     assert 0 < res["switch_ms"] and 0 < res["add_ms"]
     assert "| run | tokens/s (generate) | decode tokens/s |" in results["stdout"]
+
+
+def test_static_cache_interleaved_record(results):
+    rec = results["static"]
+    rows, s = rec["rows"], rec["settings"]
+    _no_errors(rows)
+    assert list(rows) == ["base", "unilora_hf_merged", "unilora_hf_unmerged", "peft_lora"]
+    assert s["compile"] is True and s["rounds"] == 2 and s["cache_implementation"] == "static"
+    for row in rows.values():
+        assert len(row["rounds_ms_per_token"]) == 2 and row["ms_per_token"] > 0
+        assert row["label"].endswith(", static cache")  # CPU: transformers compiles on CUDA only
+    assert rows["base"]["per_token_vs_base"] == 1.0 and rows["peft_lora"]["max_logit_change_vs_base"] == 0
+    merged, unmerged = rows["unilora_hf_merged"], rows["unilora_hf_unmerged"]
+    assert unmerged["max_logit_change_vs_base"] > 1e-5
+    assert merged["max_logit_change_vs_base"] == pytest.approx(unmerged["max_logit_change_vs_base"], rel=1e-2)
+    assert merged["first_tokens"] == unmerged["first_tokens"]
+
+
+@pytest.mark.slow
+def test_train_step_compiled_and_interleaved(tmp_path):
+    """--compile with CPU inductor: every row eager and compiled, rounds interleaved, ratios within a mode."""
+    out = tmp_path / "compiled.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run([sys.executable, str(BENCH / "train_step.py"), "--tiny", "--compile", "default", "--rounds",
+                           "2", "--out", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    rec = json.loads(out.read_text())
+    rows = rec["rows"]
+    assert list(rows) == [f"{k}@{m}" for k in ("floor", "peft_lora", "unilora_hf") for m in ("eager", "default")]
+    for name, row in rows.items():
+        assert len(row["round_medians_ms"]) == 2 and len(row["all_ms"]) == 2 * rec["settings"]["steps"]
+        assert row["step_vs_floor"] == pytest.approx(row["median_ms"] / rows[f"floor@{name.split('@')[1]}"]["median_ms"])
+        if not name.startswith("floor"):
+            assert row["params_moved"] is True
+    assert set(rec["targets"]) == {"compiled step <= 1.15 x compiled floor", "compiled step < compiled PEFT LoRA",
+                                   "eager step <= 1.3 x eager floor"}
 
 
 def test_bad_arguments_are_named(capsys):

@@ -265,17 +265,30 @@ class TestCuda:
         assert torch.equal(got[slots < 0], y0[slots < 0])
 
     def test_mixed_generate_on_cuda_matches_each_adapter(self, three):
+        """bf16: each mixed row is as close to the float32 truth (that adapter alone, float32 model) as the same
+        row run alone in bf16 (Kernel D rounds y once, the mixed path rounds the base product and then the sum,
+        so the two bf16 results differ by rounding, not by which adapter ran)."""
         model = resident(three).cuda().to(torch.bfloat16)
+        truth_model = resident(three).cuda()
         names = ["a1", "__base__", "a0", "a2"]
         ids, mask = (t.cuda() for t in padded_batch(model, [9, 5, 7, 9]))
         with torch.no_grad():
             mixed = model(input_ids=ids, attention_mask=mask, adapter_names=names).logits.float()
-            for name in ("a0", "a1", "a2"):
-                model.set_adapter(name)
-                single = model(input_ids=ids, attention_mask=mask).logits.float()
-                for i, n in enumerate(names):
-                    if n == name:
-                        assert (mixed[i] - single[i]).abs().max() <= 0.05 * single[i].abs().max()
+            for name in ("a0", "a1", "a2", "__base__"):
+                if name == "__base__":
+                    with model.disable_adapter(), truth_model.disable_adapter():
+                        single = model(input_ids=ids, attention_mask=mask).logits.float()
+                        truth = truth_model(input_ids=ids, attention_mask=mask).logits
+                else:
+                    model.set_adapter(name)
+                    truth_model.set_adapter(name)
+                    single = model(input_ids=ids, attention_mask=mask).logits.float()
+                    truth = truth_model(input_ids=ids, attention_mask=mask).logits
+                i = names.index(name)
+                valid = mask[i].bool()
+                err_mixed = (mixed[i][valid] - truth[i][valid]).abs().max()
+                err_single = (single[i][valid] - truth[i][valid]).abs().max()
+                assert err_mixed <= 2 * err_single + 2**-7 * truth[i][valid].abs().max(), (name, err_mixed, err_single)
 
 
 def test_reference_mixed_lora_is_the_per_adapter_product():
