@@ -71,6 +71,32 @@ def test_named_adapters_load_switch_and_delete(three, monkeypatch):
         model.delete_adapter("a1") or model.delete_adapter("a0")
 
 
+def test_auto_model_names_the_first_adapter_and_others_join_it(three):
+    """The README's flow: from_pretrained(base, adapter, adapter_name=...), then load_adapter for the others."""
+    from unilora_hf import InvalidArgumentError, UniLoraAutoModel
+
+    model = UniLoraAutoModel.from_pretrained(tiny_llama(), three[0], adapter_name="alice")
+    model.load_adapter(three[1], adapter_name="bob")
+    assert model.list_adapters() == ["alice", "bob"] and model.active_adapters() == ["alice"]
+    ids = tokens(model, batch=3)
+    with torch.no_grad():
+        mixed = model.generate(input_ids=ids, max_new_tokens=3, do_sample=False, pad_token_id=0,
+                               adapter_names=["alice", "bob", "__base__"])
+    want = []
+    for i, folder in enumerate((three[0], three[1], None)):
+        alone = tiny_llama()
+        if folder is not None:
+            load_adapter(alone, folder)
+        want.append(alone.generate(input_ids=ids[i:i + 1], max_new_tokens=3, do_sample=False, pad_token_id=0))
+    assert torch.equal(mixed, torch.cat(want))
+    untouched = tiny_llama()
+    for bad in ("", "__base__", 7):
+        with pytest.raises(InvalidArgumentError, match="adapter_name"):
+            UniLoraAutoModel.from_pretrained(untouched, three[0], adapter_name=bad)
+    assert "unilora_adapter" not in untouched.__dict__ and not any("unilora" in n for n, _ in
+                                                                   untouched.named_parameters())
+
+
 def test_switching_keeps_what_each_adapter_trained(three):
     model = resident(three[:2])
     ids = tokens(model)

@@ -72,7 +72,7 @@ class UniLoraAutoModel:
                         revision: str | None = None, merge: bool = False, dtype=None, device_map=None,
                         token: str | bool | None = None, cache_dir: str | None = None,
                         local_files_only: bool = False, base_revision: str | None = None,
-                        endpoint: str | None = None, **model_kwargs) -> nn.Module:
+                        endpoint: str | None = None, adapter_name: str | None = None, **model_kwargs) -> nn.Module:
         """Load ``adapter`` (a folder or Hub repo id at ``revision``) onto ``base``; with one argument,
         ``from_pretrained(adapter)``, onto the base model the adapter records.
 
@@ -85,8 +85,13 @@ class UniLoraAutoModel:
         completely before the model is changed; θ_d and the heads are loaded. With ``merge=True`` ΔW is
         merged into the weights and the wrappers removed (a plain transformers model at the base model's
         speed); otherwise the adapter stays unmerged (``unilora_hf.get_adapter(model)`` merges, unmerges or
-        disables it later). The model is returned in eval mode.
+        disables it later). ``adapter_name`` names it (default ``"default"``), as PEFT's ``adapter_name``: more
+        adapters join it with ``model.load_adapter(other, adapter_name=...)``. The model is returned in eval mode.
         """
+        if adapter_name is not None and (not isinstance(adapter_name, str) or not adapter_name
+                                         or adapter_name == "__base__" or len(adapter_name) > 200):
+            raise InvalidArgumentError(f"adapter_name {adapter_name!r} is not a usable name (non-empty, not "
+                                       "'__base__')")
         if adapter is None:
             if isinstance(base, nn.Module) or base is None:
                 raise InvalidArgumentError("from_pretrained(adapter) takes the adapter (a folder or Hub repo id); "
@@ -104,6 +109,8 @@ class UniLoraAutoModel:
             model = cls._load_base(files, base, dtype=dtype, device_map=device_map, token=token, cache_dir=cache_dir,
                                    local_files_only=local_files_only, base_revision=base_revision, **model_kwargs)
         handle = apply_adapter(model, files)
+        if adapter_name is not None:
+            handle.rename_default(adapter_name)
         if merge:
             model = handle.merge_and_unload()
         return model.eval()
