@@ -74,7 +74,7 @@ def saved(tmp_path_factory):
 
 def test_help_and_entry_point(capsys):
     top = ok(cli("--help"))
-    for command in ("push", "info", "merge", "export-lora"):
+    for command in ("push", "info", "merge", "export-lora", "list"):
         assert command in top
     for command, options in (("push", ["--private", "--create-pr", "--commit-message", "--revision", "--endpoint"]),
                              ("info", ["--json", "--revision", "--local-files-only"]),
@@ -130,6 +130,58 @@ def test_info_json_of_a_local_folder(saved):
     assert info["auto_class"] == "AutoModelForSequenceClassification"
     assert info["files"] == {n: (saved["root"] / "bert_adapter" / n).stat().st_size
                              for n in ("adapter_config.json", "adapter_model.safetensors")}
+
+
+def test_list_groups_a_folder_of_many_adapters(saved, tmp_path):
+    """Three adapters of one projection and layout form one group (they load together onto one base), one of
+    another seed a second group; a corrupted one is refused with the loader's reason; other entries are ignored."""
+    import shutil
+
+    many = tmp_path / "many"
+    llama = tiny_llama()
+    config = UniLoraConfig(r=2, theta_d_length=64, target_modules=["q_proj", "v_proj"])
+    adapter = inject_adapter(llama, config)
+    for i, name in enumerate(["carol", "alice", "bob"]):
+        randomize(adapter, 10 + i)
+        adapter.save_adapter(many / name)
+    other = inject_adapter(tiny_llama(), UniLoraConfig(r=2, theta_d_length=64, proj_seed=7,
+                                                       target_modules=["q_proj", "v_proj"]))
+    other.save_adapter(many / "dave")
+    shutil.copytree(many / "bob", many / "eve")
+    weights = many / "eve" / "unilora_model.safetensors"
+    raw = bytearray(weights.read_bytes())
+    raw[-5] ^= 0x40  # one flipped bit in θ_d
+    weights.write_bytes(bytes(raw))
+    (many / "notes").mkdir()
+    (many / "README.md").write_text("not an adapter")
+
+    listing = json.loads(ok(cli("list", many, "--json")))
+    assert listing["adapters"] == 5
+    assert [[a["name"] for a in g["adapters"]] for g in listing["groups"]] == [["alice", "bob", "carol"], ["dave"]]
+    first = listing["groups"][0]["shared"]
+    assert (first["proj_seed"], first["theta_d_length"], first["D"]) == (42, 64, adapter.D)
+    assert first["fingerprint"] == adapter.fingerprint and listing["groups"][1]["shared"]["proj_seed"] == 7
+    assert [r["name"] for r in listing["refused"]] == ["eve"]
+    assert "AdapterIntegrityError" in listing["refused"][0]["error"]
+
+    text = ok(cli("list", many))
+    assert "5 adapter(s)" in text and "2 group(s)" in text and "1 refused" in text
+    assert "group 1: 3 adapter(s)" in text and "eve: AdapterIntegrityError" in text
+
+    # what the listing promises: one group loads onto one base and serves mixed batches
+    base = tiny_llama()
+    load_adapter(base, many / "alice", adapter_name="alice")
+    for name in ("bob", "carol"):
+        base.load_adapter(many / name, adapter_name=name)
+    from unilora_hf import LayoutMismatchError
+
+    with pytest.raises(LayoutMismatchError, match="proj_seed"):
+        base.load_adapter(many / "dave", adapter_name="dave")
+
+    assert "no adapter folders" in one_line_error(cli("list", many / "notes"))
+    assert "is not a folder" in one_line_error(cli("list", many / "README.md"))
+    single = json.loads(ok(cli("list", many / "alice", "--json")))  # a folder that is itself an adapter
+    assert [a["name"] for a in single["groups"][0]["adapters"]] == ["alice"]
 
 
 def test_merge_writes_a_plain_transformers_folder(saved, tmp_path):

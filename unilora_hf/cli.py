@@ -4,6 +4,7 @@
     unilora-hf info REPO_ID_OR_DIR           config, files, base model, D, fingerprint, trainable count
     unilora-hf merge BASE ADAPTER OUT_DIR    a plain transformers model folder with ΔW merged into the weights
     unilora-hf export-lora ADAPTER OUT_DIR   an equivalent standard PEFT LoRA adapter (for serving engines)
+    unilora-hf list DIR                      the adapters in a folder of many, grouped by what can share one base
 
 Adapters are local folders or Hub repo ids, fetched through huggingface_hub's cache (``--revision``,
 ``--token``, ``--cache-dir``, ``--local-files-only``, ``HF_HUB_OFFLINE`` and ``HF_ENDPOINT`` as usual).
@@ -153,6 +154,84 @@ def cmd_info(args) -> None:
         _print_info(args.adapter, args.revision, info)
 
 
+# -- a folder of many adapters --------------------------------------------------------------------------
+MAX_LISTED = 100_000
+
+
+def _adapter_folders(root: Path) -> list[Path]:
+    """``root`` itself when it holds an adapter, else its sub-folders that do (links skipped), sorted by name."""
+    from .serialization import CONFIG_NAME, PEFT_CONFIG_NAME
+
+    def holds(folder: Path) -> bool:
+        return (folder / CONFIG_NAME).is_file() or (folder / PEFT_CONFIG_NAME).is_file()
+
+    if not root.is_dir():
+        raise AdapterFormatError(f"{root} is not a folder: list takes a folder of adapter folders")
+    if holds(root):
+        return [root]
+    found = []
+    with os.scandir(root) as entries:
+        for i, entry in enumerate(entries):
+            if i >= MAX_LISTED:
+                raise AdapterFormatError(f"{root} holds more than {MAX_LISTED:,} entries; list a smaller folder")
+            if entry.is_dir(follow_symlinks=False) and holds(Path(entry.path)):
+                found.append(Path(entry.path))
+    return sorted(found, key=lambda p: p.name)
+
+
+def adapter_groups(root: Path) -> dict:
+    """The adapters under ``root`` grouped by what adapters resident on one base must share (the config keys of
+    ``SHARED_BY_RESIDENT_ADAPTERS``, D, the layout fingerprint, the trained tensors' names and sizes, the base
+    model); every adapter is read with all of the loader's checks, and one that fails them is listed as refused."""
+    from .config import SHARED_BY_RESIDENT_ADAPTERS
+
+    folders = _adapter_folders(root)
+    if not folders:
+        raise AdapterFormatError(f"no adapter folders in {root} (folders holding unilora_config.json or "
+                                 "adapter_config.json)")
+    groups: dict[str, dict] = {}
+    refused = []
+    for folder in folders:
+        try:
+            info = adapter_info(folder)
+        except UniLoraError as exc:
+            refused.append({"name": folder.name, "folder": str(folder), "error": f"{type(exc).__name__}: {one_line(exc)}"})
+            continue
+        shared = {k: info["config"][k] for k in SHARED_BY_RESIDENT_ADAPTERS}
+        shared.update(D=info["D"], fingerprint=info["fingerprint"], trained_tensors=info["trained_tensors"],
+                      base_model=info["base_model"] or _unrecorded_base(info))
+        key = json.dumps(shared, sort_keys=True, default=str)
+        group = groups.setdefault(key, {"shared": shared, "adapters": []})
+        group["adapters"].append({"name": folder.name, "folder": str(folder), "format": info["format"],
+                                  "bytes": sum(info["files"].values())})
+    ordered = sorted(groups.values(), key=lambda g: (-len(g["adapters"]), g["adapters"][0]["name"]))
+    return {"folder": str(root), "adapters": len(folders), "groups": ordered, "refused": refused}
+
+
+def cmd_list(args) -> None:
+    listing = adapter_groups(Path(args.dir).expanduser())
+    if args.json:
+        print(json.dumps(listing, indent=2))
+        return
+    groups, refused = listing["groups"], listing["refused"]
+    print(f"{listing['adapters']} adapter(s) in {listing['folder']}: {len(groups)} group(s) that can each be resident "
+          f"on one base (load_adapter(..., adapter_name=...), mixed batches), {len(refused)} refused")
+    for i, group in enumerate(groups, start=1):
+        s = group["shared"]
+        d, D = s["theta_d_length"], s["D"]
+        print(f"\ngroup {i}: {len(group['adapters'])} adapter(s); base {s['base_model']}; {s['projection']} projection, "
+              f"seed {s['proj_seed']}, r {s['r']}, d {d:,}, D {f'{D:,}' if D is not None else 'not recorded'}, "
+              f"fingerprint {s['fingerprint'] or 'not recorded'}; trained besides θ_d: "
+              f"{', '.join(s['trained_tensors']) or 'nothing'}")
+        width = max(len(a["name"]) for a in group["adapters"])
+        for a in group["adapters"]:
+            print(f"  {a['name']:<{width}}  {a['bytes']:,} bytes ({a['format']} format)")
+    if refused:
+        print("\nrefused (they fail the loader's checks):")
+        for r in refused:
+            print(f"  {r['name']}: {r['error']}")
+
+
 # -- merge and export -----------------------------------------------------------------------------------
 def _load(args, base: str, folder: Path, merge: bool):
     from .auto import UniLoraAutoModel
@@ -203,7 +282,7 @@ def cmd_export_lora(args) -> None:
 # -- the parser -----------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="Uni-LoRA adapters on the Hugging Face Hub: push, inspect, merge, "
-                                            "export to standard LoRA.")
+                                            "export to standard LoRA, list a folder of many.")
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="show library warnings and progress bars")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
@@ -260,6 +339,17 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--export-dtype", choices=DTYPES[1:], default="float32",
                         help="dtype of the written LoRA matrices (default: float32)")
     export.set_defaults(func=cmd_export_lora)
+
+    listing = sub.add_parser("list", help="list the adapters in a folder of many, grouped by what can share one base",
+                             description="Read every adapter folder in DIR (its sub-folders, or DIR itself) with all of "
+                                         "the loader's checks and group them by what adapters resident on one base "
+                                         "must share: projection, seed, r, d, D, layout fingerprint, trained tensors "
+                                         "and base model. One group loads onto one base model with "
+                                         "load_adapter(..., adapter_name=...) and serves mixed batches; adapters "
+                                         "that fail the checks are listed as refused.")
+    listing.add_argument("dir", metavar="DIR", help="a folder of adapter folders")
+    listing.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    listing.set_defaults(func=cmd_list)
     return parser
 
 

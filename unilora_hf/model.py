@@ -588,8 +588,9 @@ class UniLoraAdapter:
             raise AdapterStateError(f"an adapter named {name!r} is already loaded; delete_adapter({name!r}) first or "
                                     "pick another name")
         mine, theirs = self.config.to_dict(), config.to_dict()
-        differs = [k for k in ("projection", "proj_seed", "theta_d_length", "r", "target_modules", "layers_to_transform",
-                               "layers_pattern", "modules_to_save", "bias", "task_type") if mine[k] != theirs[k]]
+        from .config import SHARED_BY_RESIDENT_ADAPTERS
+
+        differs = [k for k in SHARED_BY_RESIDENT_ADAPTERS if mine[k] != theirs[k]]
         if differs:
             shown = ", ".join(f"{k} {theirs[k]!r} (resident: {mine[k]!r})" for k in differs)
             raise LayoutMismatchError(
