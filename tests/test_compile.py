@@ -37,9 +37,14 @@ def adapted(layers: int = 2, config: UniLoraConfig = CFG, seed: int = 0):
 
 @pytest.fixture(autouse=True)
 def fresh_dynamo():
+    """A fresh Dynamo, and Triton's interpreter switch off: other modules of the run set TRITON_INTERPRET=1 for
+    their CPU kernel cases, and here the CPU path is the reference (CUDA: the compiled kernels)."""
+    from unilora_hf.kernels.triton_modes import interpreter_switch
+
     dynamo.reset()
     counters.clear()
-    yield
+    with interpreter_switch(False):
+        yield
     dynamo.config.error_on_recompile = False
     dynamo.reset()
 
@@ -125,12 +130,6 @@ class TestCuda:
     def _cuda(self):
         if not torch.cuda.is_available():
             pytest.skip("needs CUDA")
-        # other test modules of the same run set TRITON_INTERPRET=1 for their CPU cases; Inductor's own Triton
-        # kernels must compile for the GPU here
-        from unilora_hf.kernels.triton_modes import interpreter_switch
-
-        with interpreter_switch(False):
-            yield
 
     @pytest.mark.parametrize("mode", ["default", "max-autotune-no-cudagraphs", "reduce-overhead"])
     def test_compiled_training_step_on_cuda(self, mode):

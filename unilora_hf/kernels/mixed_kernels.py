@@ -37,6 +37,31 @@ from . import triton_modes
 R_MAX = 64
 
 
+# Only builtins of triton.language (tl.reduce, ...), never its @triton.jit helpers (tl.sum, tl.max): those are
+# created once, interpreted or compiled, when triton is imported, and would break one of this module's two
+# variants (see projection_kernels). Interpreted variants reduce with the standard library's combine functions,
+# which the interpreter recognises.
+@triton.jit
+def _add(a, b):
+    return a + b
+
+
+@triton.jit
+def _max(a, b):
+    return tl.maximum(a, b)
+
+
+@triton.jit
+def _min(a, b):
+    return tl.minimum(a, b)
+
+
+if type(_add).__name__ == "InterpretedFunction":
+    _add = getattr(tl.standard, "_sum_combine", _add)
+    _max = getattr(tl.standard, "_elementwise_max", _max)
+    _min = getattr(tl.standard, "_elementwise_min", _min)
+
+
 @triton.jit
 def _mixed_kernel(
     x_ptr, slot_ptr, a_ptr, b_ptr, y_ptr,
@@ -56,10 +81,10 @@ def _mixed_kernel(
     live_r = rr < r
     slot = tl.load(slot_ptr + rm, mask=live_m, other=-1)
     live = slot >= 0
-    hi = tl.max(slot, axis=0)
+    hi = tl.reduce(slot, 0, _max)
     if hi < 0:
         return
-    lo = tl.min(tl.where(live, slot, hi), axis=0)
+    lo = tl.reduce(tl.where(live, slot, hi), 0, _min)
     s = tl.where(live, slot, lo).to(tl.int64)
     x_rows = x_ptr + rm.to(tl.int64)[:, None] * sxm
     h = tl.full((BM, R), 0.0, tl.float32)
@@ -82,7 +107,7 @@ def _mixed_kernel(
             xg = tl.load(x_rows + kk[None, :] * sxk, mask=live_m[:, None] & live_k[None, :], other=0.0)
             ag = tl.load(a_rows + kk[None, None, :] * sak,
                          mask=live_r[None, :, None] & live_k[None, None, :], other=0.0)
-            h += tl.sum(xg.to(tl.float32)[:, None, :] * ag.to(tl.float32), axis=2)
+            h += tl.reduce(xg.to(tl.float32)[:, None, :] * ag.to(tl.float32), 2, _add)
     h = tl.where(live[:, None], h, 0.0).to(y_ptr.dtype.element_ty)
     if lo == hi:
         bt = tl.load(b_ptr + hi.to(tl.int64) * sbp + rr[:, None] * sbr + rn[None, :] * sbn,
@@ -94,7 +119,7 @@ def _mixed_kernel(
     else:
         bg = tl.load(b_ptr + s[:, None, None] * sbp + rn[None, :, None] * sbn + rr[None, None, :] * sbr,
                      mask=live_n[None, :, None] & live_r[None, None, :], other=0.0)
-        acc = tl.sum(h.to(tl.float32)[:, None, :] * bg.to(tl.float32), axis=2)
+        acc = tl.reduce(h.to(tl.float32)[:, None, :] * bg.to(tl.float32), 2, _add)
     y_ptrs = y_ptr + rm.to(tl.int64)[:, None] * sym + rn[None, :] * syn
     mask = live_m[:, None] & live_n[None, :]
     y = tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32)
