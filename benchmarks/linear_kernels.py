@@ -13,6 +13,13 @@ Per row: GPU milliseconds per forward and per backward (CUDA events over ``--rep
 calls) and host microseconds to enqueue one forward + backward.
 
     PYTHONPATH=. python benchmarks/linear_kernels.py --out $OUT/linear_kernels.json
+
+``--pieces``: pure GPU time of every GEMM of the adapted layer, each captured ``--reps`` times in one CUDA
+graph and replayed (no host time in it), per training shape: the base's forward and input gradient, and the
+LoRA pieces (``h = x Aᵀ``, ``y += h Bᵀ``, Kernel D, ``gB = g B``, ``dx += gB A``, ``dA = gBᵀ x``,
+``dB = gᵀ h``, and dA/dB as S batched partial products summed in float32, S = 8, 32).
+
+    PYTHONPATH=. python benchmarks/linear_kernels.py --pieces --out $OUT/lora_pieces.json
 """
 
 from __future__ import annotations
@@ -58,6 +65,75 @@ def host_us(fn, reps: int) -> float:
     return 1e6 * elapsed / reps
 
 
+def graph_us(fn, reps: int) -> float:
+    """GPU µs per call of ``fn``: ``reps`` calls captured in one CUDA graph, replayed 5 times."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            fn()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(5):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return 1e3 * start.elapsed_time(end) / (5 * reps)
+
+
+def split_products(S: int):
+    """dA = gBᵀ x and dB = gᵀ h as S partial products over row blocks, summed in float32."""
+    def dA(gB, x):
+        M = x.shape[0]
+        return torch.bmm(gB.view(S, M // S, -1).transpose(1, 2), x.view(S, M // S, -1)).sum(0, dtype=torch.float32)
+
+    def dB(g, h):
+        M = g.shape[0]
+        return torch.bmm(g.view(S, M // S, -1).transpose(1, 2), h.view(S, M // S, -1)).sum(0, dtype=torch.float32)
+    return dA, dB
+
+
+def pieces(lk, r: int, reps: int) -> dict:
+    dev, dt = torch.device("cuda"), torch.bfloat16
+    out = {}
+    for name, (M, N, K) in SHAPES.items():
+        if M < 64:
+            continue
+        torch.manual_seed(0)
+        x = torch.randn(M, K, device=dev, dtype=dt)
+        W = torch.randn(N, K, device=dev, dtype=dt) * K**-0.5
+        A = (torch.randn(r, K, device=dev) * 0.01).to(dt)
+        B = (torch.randn(N, r, device=dev) * 0.01).to(dt)
+        g = torch.randn(M, N, device=dev, dtype=dt)
+        y, dx = F.linear(x, W), g @ W
+        h, gB = x @ A.t(), g @ B
+        calls = {"base_fwd": lambda: F.linear(x, W), "base_dx": lambda: g @ W,
+                 "h = x A^T": lambda: x @ A.t(), "y += h B^T": lambda: y.addmm_(h, B.t()),
+                 "kernel_d (base + lora)": lambda: lk.forward(x, W, None, A, B, True),
+                 "gB = g B": lambda: g @ B, "dx += gB A": lambda: dx.addmm_(gB, A),
+                 "dA = gB^T x": lambda: gB.t() @ x, "dB = g^T h": lambda: g.t() @ h}
+        for S in (8, 32):
+            dA, dB = split_products(S)
+            calls[f"dA split {S}"] = lambda dA=dA: dA(gB, x)
+            calls[f"dB split {S}"] = lambda dB=dB: dB(g, h)
+        rows = {k: graph_us(fn, reps) for k, fn in calls.items()}
+        lora = ["h = x A^T", "y += h B^T", "gB = g B", "dx += gB A", "dA = gB^T x", "dB = g^T h"]
+        rows["base total"] = rows["base_fwd"] + rows["base_dx"]
+        rows["lora total (unfused)"] = sum(rows[k] for k in lora)
+        out[name] = {"M": M, "N": N, "K": K, "gpu_us": rows}
+        print(f"\n{name}: M={M} N={N} K={K} (GPU µs per call, CUDA graph)")
+        for k, v in rows.items():
+            print(f"  {k:24s} {v:8.1f}")
+    return out
+
+
 def launch_breakdown(lk, dev, n: int = 2000) -> dict:
     """Host µs per call for a 16×16 problem: where a Kernel D launch spends its time."""
     import triton
@@ -90,12 +166,17 @@ def main(argv=None) -> dict:
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--r", type=int, default=16)
     p.add_argument("--launch-only", action="store_true", help="only the launch-cost breakdown")
+    p.add_argument("--pieces", action="store_true", help="only the GPU time of each GEMM piece (CUDA graphs)")
     a = p.parse_args(argv)
     from unilora_hf.kernels import linear_kernels, lora_linear
 
     lk = linear_kernels.for_device("cuda")
     dev, dt = torch.device("cuda"), torch.bfloat16
     record = {"benchmark": "linear_kernels", "environment": common.environment(dev), "r": a.r, "shapes": {}}
+    if a.pieces:
+        record["pieces"] = pieces(lk, a.r, a.reps)
+        common.write_json(a.out, record)
+        return record
     record["launch_us"] = launch_breakdown(lk, dev)
     print("host µs per call:", {k: (round(v, 1) if isinstance(v, float) else v) for k, v in record["launch_us"].items()})
     if a.launch_only:

@@ -18,6 +18,10 @@ it), and also the decode-only rate from the time per step after the first. Then:
 with N = 1, 100, 1,000 adapters resident (θ_d only, added from memory), the time to add one adapter from a local
 folder (median of ``--add-repeats``) and to switch the active one (median of 100).
 
+``--profile``: for the rows base, one_adapter and mixed, the CUDA kernels, GPU busy time and wall time per decode
+step, from two profiled ``generate`` calls (9 and 1 new tokens; their difference over 8 steps), and the mixed row's
+top kernels per step: what bounds the mixed batch's decoding (launches or bytes).
+
     python benchmarks/multi_adapter.py --out results/multi_adapter.json          # GPU, ~3 min
     python benchmarks/multi_adapter.py --tiny --out /tmp/m.json                  # CPU smoke test
 """
@@ -53,6 +57,7 @@ def parse_args(argv=None):
     p.add_argument("--resident", default=None, help="comma-separated N (default 1,100,1000; tiny 1,10)")
     p.add_argument("--add-repeats", type=int, default=None, help="default 20; tiny 3")
     p.add_argument("--only", default=None, help=f"comma-separated rows out of {','.join(ROWS)}")
+    p.add_argument("--profile", action="store_true", help="profile decode steps of base, one_adapter, mixed")
     args = p.parse_args(argv)
     tiny = args.tiny
     args.dtype = args.dtype or ("fp32" if tiny else "bf16")
@@ -86,6 +91,45 @@ def step_rate(model, ids, device, new_tokens, **kwargs) -> dict:
     return {"generate_s": full, "tokens_per_s": rows * new_tokens / full, "prefill_and_first_s": first,
             "decode_step_ms": decode * 1e3, "decode_tokens_per_s": rows / decode if decode > 0 else None,
             "new_tokens": new_tokens, "rows": rows, "first_tokens": out[:, ids.shape[1]:ids.shape[1] + 4].tolist()}
+
+
+def decode_profile(model, ids, device, **kwargs) -> dict:
+    """Per decode step: CUDA kernels, GPU busy ms, wall ms, and the top kernels by GPU time (profiled
+    generate of 9 new tokens minus one of 1, over 8 steps)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    totals = {}
+    for n in (1, 9):
+        run = lambda: model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,  # noqa
+                                     min_new_tokens=n, do_sample=False, pad_token_id=0, **kwargs)
+        run()
+        with profile(activities=activities) as prof:
+            seconds, _ = common.timed(run, device)
+        names: dict[str, list] = {}
+        for e in prof.events():
+            if e.device_type.name == "CUDA":
+                entry = names.setdefault(e.name[:90], [0, 0.0])
+                entry[0] += 1
+                entry[1] += e.device_time / 1e3
+        totals[n] = (seconds, names)
+    (s1, n1), (s9, n9) = totals[1], totals[9]
+    per = {k: [(v[0] - n1.get(k, [0, 0.0])[0]) / 8, (v[1] - n1.get(k, [0, 0.0])[1]) / 8] for k, v in n9.items()}
+    ranked = sorted(per.items(), key=lambda kv: -kv[1][1])
+    return {"wall_ms_per_step": 1e3 * (s9 - s1) / 8, "kernels_per_step": sum(c for c, _ in per.values()),
+            "gpu_busy_ms_per_step": sum(t for _, t in per.values()),
+            "top": [{"name": k, "calls": c, "gpu_ms": t} for k, (c, t) in ranked[:25]]}
+
+
+def print_profiles(profiles: dict) -> None:
+    print("\n| row (profiled) | wall ms / decode step | CUDA kernels / step | GPU busy ms / step |")
+    print("|---|---|---|---|")
+    for key, p in profiles.items():
+        print(f"| {key} | {p['wall_ms_per_step']:.2f} | {p['kernels_per_step']:.0f} | {p['gpu_busy_ms_per_step']:.2f} |")
+    for key, p in profiles.items():
+        print(f"\n{key}: top kernels per decode step (calls, GPU ms)")
+        for t in p["top"][:15]:
+            print(f"  {t['calls']:7.1f} {t['gpu_ms']:8.3f}  {t['name']}")
 
 
 def save_unilora(folder: Path, cfg, args, device, dtype, seed: int) -> Path:
@@ -134,6 +178,15 @@ def main(argv=None) -> dict:
                 names = [f"u{i}" for i in range(args.batch)]
                 rows["mixed"] = common.run_row(
                     "mixed", lambda: step_rate(base, ids, device, args.new_tokens, adapter_names=names), device)
+            if args.profile:
+                names = [f"u{i}" for i in range(args.batch)]
+                adapter = get_adapter(base)
+                record["profiles"] = {"base": None, "one_adapter": None, "mixed": None}
+                with adapter.disabled():
+                    record["profiles"]["base"] = decode_profile(base, ids, device)
+                record["profiles"]["one_adapter"] = decode_profile(base, ids, device)
+                record["profiles"]["mixed"] = decode_profile(base, ids, device, adapter_names=names)
+                print_profiles(record["profiles"])
             get_adapter(base).unload()
         if "peft_lora_mixed" in args.rows:
             rows["peft_lora_mixed"] = common.run_row("peft_lora_mixed", lambda: peft_lora_mixed(base, ids, args, device),

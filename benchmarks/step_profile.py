@@ -16,6 +16,13 @@ d = 2^19), in ONE process:
 3. with ``--cprofile``: the top Python functions of 3 ``unilora_hf`` steps by own time.
 
     PYTHONPATH=. python benchmarks/step_profile.py --out $OUT/step_profile.json
+
+``--compile MODE``: the rows ``floor`` and ``unilora_hf`` compiled with ``torch.compile(mode=MODE)`` instead
+(``--layers`` to shorten the model), interleaved as above; per row from one profiled step: the CUDA kernel
+count, the GPU busy time, the host time to enqueue the step, and the kernels grouped by name with their calls
+and GPU time (``--top`` names), so the adapter's extra GPU work can be read kernel by kernel.
+
+    PYTHONPATH=. python benchmarks/step_profile.py --compile default --out $OUT/step_profile_compiled.json
 """
 
 from __future__ import annotations
@@ -72,13 +79,109 @@ def kernels_and_busy(step) -> tuple[int, float]:
     return len(events), sum(e.device_time for e in events) / 1e3
 
 
+def kernel_breakdown(step, top: int) -> dict:
+    """One profiled step: kernel count, GPU busy ms, and the ``top`` kernel names by GPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    by_name: dict[str, list] = {}
+    for e in prof.events():
+        if e.device_type.name != "CUDA":
+            continue
+        entry = by_name.setdefault(e.name[:90], [0, 0.0])
+        entry[0] += 1
+        entry[1] += e.device_time / 1e3
+    ranked = sorted(by_name.items(), key=lambda kv: -kv[1][1])
+    return {"kernels": sum(c for c, _ in by_name.values()), "gpu_busy_ms": sum(t for _, t in by_name.values()),
+            "top": [{"name": k, "calls": c, "gpu_ms": t} for k, (c, t) in ranked[:top]]}
+
+
+def main_compiled(a) -> dict:
+    from unilora_hf import UniLoraConfig, inject_adapter
+
+    device = torch.device("cuda")
+    cfg = common.llama_config("1b", a.layers)
+    ids = common.random_tokens(cfg.vocab_size, 4, 1024, device)
+    record = {"benchmark": "step_profile", "compile": a.compile, "layers": cfg.num_hidden_layers,
+              "environment": common.environment(device), "rows": {}}
+    graphs = a.compile == "reduce-overhead"
+
+    def make(key):
+        model = common.build_llama(cfg, device, torch.bfloat16, seed=0).train()
+        if key == "floor":
+            model.requires_grad_(False)
+            model.enable_input_require_grads()
+            opt = None
+        else:
+            inject_adapter(model, UniLoraConfig(r=16, theta_d_length=2**19, target_modules=common.LLAMA_TARGETS))
+            opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-4)
+        run = torch.compile(model, mode=a.compile)
+
+        def step():
+            if graphs:
+                torch.compiler.cudagraph_mark_step_begin()
+            run(input_ids=ids, labels=ids).loss.backward()
+            if opt is not None:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+        return step
+
+    rows = {key: make(key) for key in ("floor", "unilora_hf")}
+    times = {k: [] for k in rows}
+    enqueue = {k: [] for k in rows}
+    for key, step in rows.items():
+        t0 = time.perf_counter()
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+        record["rows"][key] = {"warmup_s": time.perf_counter() - t0}
+        print(f"[{time.strftime('%H:%M:%S')}] {key} compiled and warm", flush=True)
+    for _ in range(a.rounds):
+        for key, step in rows.items():
+            for _ in range(a.steps):
+                t0 = time.perf_counter()
+                step()
+                t1 = time.perf_counter()
+                torch.cuda.synchronize()
+                times[key].append(1e3 * (time.perf_counter() - t0))
+                enqueue[key].append(1e3 * (t1 - t0))
+    for key, step in rows.items():
+        record["rows"][key].update(step_ms_median=statistics.median(times[key]), step_ms_min=min(times[key]),
+                                   enqueue_ms_median=statistics.median(enqueue[key]), **kernel_breakdown(step, a.top))
+    f = record["rows"]["floor"]
+    print(f"\ncompiled ({a.compile}), {cfg.num_hidden_layers} layers")
+    print("| row | step ms (median) | × floor | host enqueue ms | kernels | GPU busy ms |")
+    print("|---|---|---|---|---|---|")
+    for key, r in record["rows"].items():
+        print(f"| {key} | {r['step_ms_median']:.2f} | {r['step_ms_median'] / f['step_ms_median']:.3f} | "
+              f"{r['enqueue_ms_median']:.2f} | {r['kernels']} | {r['gpu_busy_ms']:.2f} |")
+    floor_names = {t["name"]: t for t in f["top"]}
+    for key in ("unilora_hf",):
+        o = record["rows"][key]
+        print(f"\n{key}: top kernels (calls, GPU ms; the floor's same-named kernel beside it), GPU busy "
+              f"{o['gpu_busy_ms']:.2f} ms against the floor's {f['gpu_busy_ms']:.2f} ms:")
+        for t in o["top"]:
+            fl = floor_names.get(t["name"])
+            print(f"  {t['calls']:5d} {t['gpu_ms']:8.3f}   floor: {fl['calls'] if fl else '-':>5} "
+                  f"{fl['gpu_ms'] if fl else 0.0:8.3f}   {t['name']}")
+    common.write_json(a.out, record)
+    return record
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True)
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--cprofile", action="store_true")
+    p.add_argument("--compile", default=None, choices=("default", "max-autotune-no-cudagraphs", "reduce-overhead"))
+    p.add_argument("--layers", type=int, default=None, help="with --compile: layers of the 1.1B shape (default 22)")
+    p.add_argument("--top", type=int, default=40, help="with --compile: kernel names listed per row")
     a = p.parse_args(argv)
+    if a.compile is not None:
+        return main_compiled(a)
     from unilora_hf import UniLoraConfig, inject_adapter
     from unilora_hf.kernels import lora_linear
 

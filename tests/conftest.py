@@ -10,6 +10,22 @@ from __future__ import annotations
 
 import os
 
+import torch
+
+# Triton's mode (compiled or interpreted) is fixed for its library helpers when triton is first imported. On a
+# machine without CUDA the kernel tests run in Triton's interpreter: TRITON_INTERPRET=1 before anything imports
+# triton. On a CUDA machine triton (with its gluon package, which triton 3.6's compiler imports lazily) is imported
+# compiled, and the CPU cases of the kernel tests run in the interpreter through the fixture below.
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"
+else:
+    try:
+        import triton  # noqa: F401
+        import triton.experimental.gluon  # noqa: F401
+    except ImportError:
+        pass
+
 # Before huggingface_hub is imported: no telemetry, and no Xet (the local hub only takes
 # "regular" uploads; with hf_xet installed, upload_folder would take another code path).
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
@@ -26,6 +42,22 @@ constants.HF_HUB_DISABLE_TELEMETRY = True
 constants.HF_HUB_DISABLE_XET = True
 
 HUB_TOKENS = {"hf_test_token": "alice", "hf_other_token": "bob"}
+
+
+@pytest.fixture(autouse=True)
+def _triton_mode(request):
+    """On a CUDA machine: Triton's interpreter switch on for the CPU cases, off for the ``gpu`` ones."""
+    if not CUDA:
+        yield
+        return
+    try:
+        from unilora_hf.kernels.triton_modes import interpreter_switch
+    except ImportError:  # no triton
+        yield
+        return
+    with interpreter_switch(request.node.get_closest_marker("gpu") is None):
+        yield
+
 
 
 @pytest.fixture(scope="session")

@@ -1,24 +1,22 @@
 """The Triton kernels of the projection (``unilora_hf.kernels``) against the reference and the spec.
 
-CPU tests run the kernels in Triton's interpreter (``TRITON_INTERPRET=1``, set here before triton is
-imported), on small odd shapes. ``TestCuda`` (marker ``gpu``) runs the compiled kernels on CUDA.
+CPU tests run the kernels in Triton's interpreter (``TRITON_INTERPRET=1``, set by conftest before
+triton is imported; on a CUDA machine, the interpreter switch per test), on small odd shapes. ``TestCuda``
+(marker ``gpu``) runs the compiled kernels on CUDA.
 """
 
+import json
 import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
-os.environ["TRITON_INTERPRET"] = "1"
+import pytest
+import torch
+import triton  # noqa: F401
 
-import json  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import textwrap  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import triton  # noqa: E402, F401
-
-from unilora_hf.kernels import (  # noqa: E402
+from unilora_hf.kernels import (
     dispatch,
     force_backend,
     native_indices,
@@ -28,8 +26,8 @@ from unilora_hf.kernels import (  # noqa: E402
     resolve_backend,
     theta_grad,
 )
-from unilora_hf.kernels import projection_kernels as pk  # noqa: E402
-from unilora_hf.projection import Projection  # noqa: E402
+from unilora_hf.kernels import projection_kernels as pk
+from unilora_hf.projection import Projection
 
 VECTORS = json.loads((Path(__file__).parent / "data" / "projection_vectors.json").read_text())
 KINDS = ["native", "peft"]

@@ -1,9 +1,9 @@
 """Kernels D/E (``unilora_hf.kernels.linear_kernels``, the fused adapted linear) against float64 maths
 and against the PyTorch path of ``lora_linear.frozen_linear_lora``.
 
-CPU tests run the kernels in Triton's interpreter (``TRITON_INTERPRET=1``, set before triton is
-imported) on small odd shapes: M, N, K not multiples of the 16-wide interpreter tiles, r = 1, r = 16
-(one padded tile) and r = 17 (two), A and B as unaligned views of one flat buffer (as the per-pass
+CPU tests run the kernels in Triton's interpreter (``TRITON_INTERPRET=1``, set by conftest; on a CUDA
+machine, the interpreter switch per test) on small odd shapes: M, N, K not multiples of the 16-wide
+interpreter tiles, r = 1, r = 16 (one padded tile) and r = 17 (two), A and B as unaligned views of one flat buffer (as the per-pass
 readout gives them). ``TestCuda`` (marker ``gpu``) runs the compiled kernels with the GPU tile sizes,
 per dtype, and checks the direct launch path against Triton's own.
 
@@ -14,21 +14,17 @@ with ε the machine epsilon (2^-7 bfloat16, 2^-10 float16, 2^-23 float32) and sc
 for float32 the accumulation error dominates (c = 16 on CPU shapes).
 """
 
-import os
+import pytest
+import torch
+import triton  # noqa: F401
 
-os.environ["TRITON_INTERPRET"] = "1"
+from unilora_hf import UniLoraConfig, inject_adapter
+from unilora_hf.kernels import force_backend, lora_linear
+from unilora_hf.kernels import linear_kernels as lk
+from unilora_hf.kernels import dispatch
+from unilora_hf.model import unwrap
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import triton  # noqa: E402, F401
-
-from unilora_hf import UniLoraConfig, inject_adapter  # noqa: E402
-from unilora_hf.kernels import force_backend, lora_linear  # noqa: E402
-from unilora_hf.kernels import linear_kernels as lk  # noqa: E402
-from unilora_hf.kernels import dispatch  # noqa: E402
-from unilora_hf.model import unwrap  # noqa: E402
-
-from models import tiny_llama, tokens  # noqa: E402
+from models import tiny_llama, tokens
 
 EPS = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10, torch.float32: 2.0**-23}  # machine epsilon
 # (M, N, K, r): odd tails everywhere, r = 1, one full padded rank tile, a rank needing two

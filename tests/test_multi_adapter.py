@@ -2,19 +2,15 @@
 own adapter, against running each adapter alone; Kernel M (``kernels.mixed_kernels``) against its reference
 in Triton's interpreter (``TRITON_INTERPRET=1``) and, with the ``gpu`` marker, on CUDA."""
 
-import os
+import pytest
+import torch
+from models import output, tiny_bert, tiny_llama, tokens
 
-os.environ["TRITON_INTERPRET"] = "1"
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from models import output, tiny_bert, tiny_llama, tokens  # noqa: E402
-
-from unilora_hf import (  # noqa: E402
+from unilora_hf import (
     AdapterStateError, LayoutMismatchError, UniLoraConfig, get_adapter, inject_adapter, load_adapter, read_adapter,
 )
-from unilora_hf import reference  # noqa: E402
-from unilora_hf.kernels import force_backend, lora_linear, mixed_kernels  # noqa: E402
+from unilora_hf import reference
+from unilora_hf.kernels import force_backend, lora_linear, mixed_kernels
 
 CFG = UniLoraConfig(r=3, theta_d_length=256, target_modules="all-linear")
 
@@ -237,12 +233,14 @@ def _mixed_operands(M, N, K, r, P, dtype, seed=0, uniform=False):
             torch.randn(M, N, generator=g).to(dtype))
 
 
+@pytest.mark.parametrize("two_phase", [True, False], ids=["h-kernel-first", "one-launch"])
 @pytest.mark.parametrize("uniform", [False, True], ids=["rows-mix-adapters", "one-adapter-per-tile"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", SHAPES, ids=[f"M{m}N{n}K{k}r{r}P{p}" for m, n, k, r, p in SHAPES])
-def test_kernel_m_matches_the_reference_in_the_interpreter(shape, dtype, uniform):
+def test_kernel_m_matches_the_reference_in_the_interpreter(shape, dtype, uniform, two_phase, monkeypatch):
     x, slots, A, B, y0 = _mixed_operands(*shape, dtype, uniform=uniform)
     km = mixed_kernels.for_device("cpu")
+    monkeypatch.setattr(km, "TWO_PHASE_MAX_ROWS", 256 if two_phase else 0)
     got = km.add_mixed(y0.clone(), x, slots, A, B)
     want = y0.double()
     for m in range(x.shape[0]):
@@ -276,7 +274,8 @@ def test_the_layer_dispatches_mixed_rows_to_kernel_m_under_the_triton_backend(th
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 class TestCuda:
     @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-    @pytest.mark.parametrize("shape", [(32, 2048, 2048, 16, 32), (4096, 256, 2048, 16, 8), (7, 5632, 2048, 16, 3)])
+    @pytest.mark.parametrize("shape", [(32, 2048, 2048, 16, 32), (4096, 256, 2048, 16, 8), (7, 5632, 2048, 16, 3),
+                                       (300, 2048, 2048, 16, 32)])
     @pytest.mark.parametrize("uniform", [False, True])
     def test_kernel_m_on_cuda(self, shape, dtype, uniform):
         x, slots, A, B, y0 = (t.cuda() for t in _mixed_operands(*shape, dtype, uniform=uniform))

@@ -6,12 +6,17 @@ stacked θ_D of the adapters present, in the activation dtype), Kernel M adds in
 
     y[m] += round(x[m] A[slot m]ᵀ) B[slot m]ᵀ        for every m with slot[m] ≥ 0
 
-in one launch. Each program owns a BM×BN tile of y. It first forms h = x Aᵀ (BM×r) over the whole K: when
-every live row of the tile has the same adapter (prefill: a tile lies inside one sequence), with two
-tensor-core products; otherwise (decode: one row per sequence) row by row, gathering each row's A. h is
-rounded to the activation dtype (as the unfused ``x @ A.t()`` stores it), then h Bᵀ is added to the loaded
-y tile in float32 and y is rounded once. A tile whose rows all have slot -1 returns at once. h is
-recomputed by every column tile (r·K per row and tile: small against the row's own K·N).
+For many rows (prefill, more than ``TWO_PHASE_MAX_ROWS``), one launch: each program owns a BM×BN tile of y and
+first forms h = x Aᵀ (BM×r) over the whole K: when every live row of the tile has the same adapter (a tile lies
+inside one sequence), with two tensor-core products; otherwise row by row, gathering each row's A. h is rounded
+to the activation dtype (as the unfused ``x @ A.t()`` stores it), then h Bᵀ is added to the loaded y tile in
+float32 and y is rounded once. A tile whose rows all have slot -1 returns at once. h is recomputed by every
+column tile (r·K per row and tile: small against the row's own K·N).
+
+For few rows (decode: one row per sequence, each with its own adapter), two launches: ``_mixed_h_kernel`` forms
+each row's h once (one program per row reads its adapter's A once), and the tile kernel loads h instead of
+recomputing it. Recomputing h in every column tile re-read every row's A N/BN times, which made Kernel M ~68 µs
+per layer at 32 rows on an H100 (benchmarks/multi_adapter.py --profile), against a few µs of bytes.
 
 The pure-PyTorch reference is ``reference.mixed_lora``; ``lora_linear.add_mixed_lora`` dispatches.
 """
@@ -63,11 +68,33 @@ if type(_add).__name__ == "InterpretedFunction":
 
 
 @triton.jit
+def _mixed_h_kernel(x_ptr, slot_ptr, a_ptr, h_ptr, K, r, sxm, sxk, sap, sar, sak, R: tl.constexpr, BK: tl.constexpr):
+    """h[m] = round(x[m] A[slot m]ᵀ) (zeros where slot m < 0), one program per row; h: M×R contiguous."""
+    m = tl.program_id(0).to(tl.int64)
+    slot = tl.load(slot_ptr + m)
+    p = tl.maximum(slot, 0).to(tl.int64)
+    k_end = tl.where(slot >= 0, K, 0)  # a base row loads nothing: h = 0
+    rr = tl.arange(0, R)
+    live_r = rr < r
+    rk = tl.arange(0, BK)
+    acc = tl.full((R,), 0.0, tl.float32)
+    for k0 in range(0, K, BK):
+        kk = k0 + rk
+        live_k = kk < k_end
+        xv = tl.load(x_ptr + m * sxm + kk * sxk, mask=live_k, other=0.0).to(tl.float32)
+        at = tl.load(a_ptr + p * sap + rr[:, None] * sar + kk[None, :] * sak,
+                     mask=live_r[:, None] & live_k[None, :], other=0.0).to(tl.float32)
+        acc += tl.reduce(at * xv[None, :], 1, _add)
+    tl.store(h_ptr + m * R + rr, acc.to(h_ptr.dtype.element_ty))
+
+
+@triton.jit
 def _mixed_kernel(
-    x_ptr, slot_ptr, a_ptr, b_ptr, y_ptr,
+    x_ptr, slot_ptr, a_ptr, b_ptr, y_ptr, h_ptr,
     M, N, K, r,
     sxm, sxk, sap, sar, sak, sbp, sbn, sbr, sym, syn,
-    UPCAST: tl.constexpr, R: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    HAS_H: tl.constexpr, UPCAST: tl.constexpr, R: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    BK: tl.constexpr,
 ):
     n_n = (N + BN - 1) // BN
     pid_m = tl.program_id(0) // n_n
@@ -86,40 +113,43 @@ def _mixed_kernel(
         return
     lo = tl.reduce(tl.where(live, slot, hi), 0, _min)
     s = tl.where(live, slot, lo).to(tl.int64)
-    x_rows = x_ptr + rm.to(tl.int64)[:, None] * sxm
-    h = tl.full((BM, R), 0.0, tl.float32)
-    if lo == hi:  # one adapter for every live row: tensor-core products
-        a_cols = a_ptr + hi.to(tl.int64) * sap + rr[None, :] * sar
-        for k0 in range(0, K, BK):
-            kk = k0 + rk
-            live_k = kk < K
-            xt = tl.load(x_rows + kk[None, :] * sxk, mask=live_m[:, None] & live_k[None, :], other=0.0)
-            at = tl.load(a_cols + kk[:, None] * sak, mask=live_k[:, None] & live_r[None, :], other=0.0)
-            if UPCAST:
-                h = tl.dot(xt.to(tl.float32), at.to(tl.float32), h, input_precision="ieee")
-            else:
-                h = tl.dot(xt, at, h)
-    else:  # rows of several adapters: each row gathers its own A
-        a_rows = a_ptr + s[:, None, None] * sap + rr[None, :, None] * sar
-        for k0 in range(0, K, BK):
-            kk = k0 + rk
-            live_k = kk < K
-            xg = tl.load(x_rows + kk[None, :] * sxk, mask=live_m[:, None] & live_k[None, :], other=0.0)
-            ag = tl.load(a_rows + kk[None, None, :] * sak,
-                         mask=live_r[None, :, None] & live_k[None, None, :], other=0.0)
-            h += tl.reduce(xg.to(tl.float32)[:, None, :] * ag.to(tl.float32), 2, _add)
-    h = tl.where(live[:, None], h, 0.0).to(y_ptr.dtype.element_ty)
+    if HAS_H:  # formed by _mixed_h_kernel, rounded, zeros for base rows
+        hq = tl.load(h_ptr + rm.to(tl.int64)[:, None] * R + rr[None, :], mask=live_m[:, None], other=0.0)
+    else:
+        x_rows = x_ptr + rm.to(tl.int64)[:, None] * sxm
+        h = tl.full((BM, R), 0.0, tl.float32)
+        if lo == hi:  # one adapter for every live row: tensor-core products
+            a_cols = a_ptr + hi.to(tl.int64) * sap + rr[None, :] * sar
+            for k0 in range(0, K, BK):
+                kk = k0 + rk
+                live_k = kk < K
+                xt = tl.load(x_rows + kk[None, :] * sxk, mask=live_m[:, None] & live_k[None, :], other=0.0)
+                at = tl.load(a_cols + kk[:, None] * sak, mask=live_k[:, None] & live_r[None, :], other=0.0)
+                if UPCAST:
+                    h = tl.dot(xt.to(tl.float32), at.to(tl.float32), h, input_precision="ieee")
+                else:
+                    h = tl.dot(xt, at, h)
+        else:  # rows of several adapters: each row gathers its own A
+            a_rows = a_ptr + s[:, None, None] * sap + rr[None, :, None] * sar
+            for k0 in range(0, K, BK):
+                kk = k0 + rk
+                live_k = kk < K
+                xg = tl.load(x_rows + kk[None, :] * sxk, mask=live_m[:, None] & live_k[None, :], other=0.0)
+                ag = tl.load(a_rows + kk[None, None, :] * sak,
+                             mask=live_r[None, :, None] & live_k[None, None, :], other=0.0)
+                h += tl.reduce(xg.to(tl.float32)[:, None, :] * ag.to(tl.float32), 2, _add)
+        hq = tl.where(live[:, None], h, 0.0).to(y_ptr.dtype.element_ty)
     if lo == hi:
         bt = tl.load(b_ptr + hi.to(tl.int64) * sbp + rr[:, None] * sbr + rn[None, :] * sbn,
                      mask=live_r[:, None] & live_n[None, :], other=0.0)
         if UPCAST:
-            acc = tl.dot(h.to(tl.float32), bt.to(tl.float32), input_precision="ieee")
+            acc = tl.dot(hq.to(tl.float32), bt.to(tl.float32), input_precision="ieee")
         else:
-            acc = tl.dot(h, bt)
+            acc = tl.dot(hq, bt)
     else:
         bg = tl.load(b_ptr + s[:, None, None] * sbp + rn[None, :, None] * sbn + rr[None, None, :] * sbr,
                      mask=live_n[None, :, None] & live_r[None, None, :], other=0.0)
-        acc = tl.reduce(h.to(tl.float32)[:, None, :] * bg.to(tl.float32), 2, _add)
+        acc = tl.reduce(hq.to(tl.float32)[:, None, :] * bg.to(tl.float32), 2, _add)
     y_ptrs = y_ptr + rm.to(tl.int64)[:, None] * sym + rn[None, :] * syn
     mask = live_m[:, None] & live_n[None, :]
     y = tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32)
@@ -135,7 +165,10 @@ def for_device(device: torch.device | str):
 
 
 _MIXED = triton_modes.FastLauncher(_mixed_kernel)
-_PLANS: dict = {}
+_MIXED_H = triton_modes.FastLauncher(_mixed_h_kernel)
+# At most this many rows: h in its own launch (_mixed_h_kernel), once per row (see the module docstring).
+TWO_PHASE_MAX_ROWS = 256
+_H_BK = 256
 
 
 def _tiles(rows: int) -> tuple[int, int, int, int]:
@@ -154,21 +187,32 @@ def add_mixed(y: torch.Tensor, x: torch.Tensor, slot: torch.Tensor, A: torch.Ten
         raise ValueError(f"the mixed-batch kernel supports ranks 1..{R_MAX}, not r = {r}")
     R = max(16, 1 << (r - 1).bit_length())
     bm, bn, bk, warps = _tiles(M)
+    two_phase = M <= TWO_PHASE_MAX_ROWS
+    h = x.new_empty((M, R)) if two_phase else y
+    if two_phase:
+        h_bk = 16 if interpreted() else _H_BK
+        h_ints = (K, r, *x.stride(), *A.stride()[:3])
+        _launch(_MIXED_H, (M,), h_ints, (R, h_bk), (x, slot, A, h), x, y, 4)
     grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
     ints = (M, N, K, r, *x.stride(), *A.stride(), *B.stride(), *y.stride())
-    consts = (interpreted() or x.dtype == torch.float32, R, bm, bn, bk)  # the launcher takes constexprs too
-    key = None
-    if _MIXED.direct:
-        # every integer argument is in the key, so Triton's specialisation (== 1, % 16) is fixed by it; A and B
-        # are strided views of the stacked θ_D, their strides change only with the number of adapters present
-        aligned = (x.data_ptr() | y.data_ptr() | A.data_ptr() | B.data_ptr() | slot.data_ptr()) % 16 == 0
-        key = (ints, A.shape[0], x.dtype, y.dtype, slot.dtype, aligned, x.get_device())
-        compiled = _MIXED.cached(key)
-        if compiled is not None and key[-1] == torch.cuda.current_device():
-            _MIXED.run(compiled, grid[0], key[-1], x, slot, A, B, y, *ints, *consts)
-            return y
-    _MIXED.launch(key, grid, x.device, x, slot, A, B, y, *ints, *consts, num_warps=warps)
+    consts = (two_phase, interpreted() or x.dtype == torch.float32, R, bm, bn, bk)
+    _launch(_MIXED, grid, ints, consts, (x, slot, A, B, y, h), x, y, warps)
     return y
+
+
+def _launch(launcher, grid, ints, consts, tensors, x, y, warps) -> None:
+    """One launch, direct after the first for a key (the launcher takes the constexprs too). Every integer argument
+    is in the key, so Triton's specialisation (== 1, % 16) is fixed by it; A and B are strided views of the stacked
+    θ_D, their strides change only with the number of adapters present."""
+    key = None
+    if launcher.direct:
+        aligned = all(t.data_ptr() % 16 == 0 for t in tensors)
+        key = (ints, consts, tuple(t.dtype for t in tensors), aligned, x.get_device())
+        compiled = launcher.cached(key)
+        if compiled is not None and key[-1] == torch.cuda.current_device():
+            launcher.run(compiled, grid[0], key[-1], *tensors, *ints, *consts)
+            return
+    launcher.launch(key, grid, x.device, *tensors, *ints, *consts, num_warps=warps)
 
 
 __all__ = ["R_MAX", "add_mixed", "for_device", "interpreted"]
