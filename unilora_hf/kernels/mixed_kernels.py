@@ -14,7 +14,7 @@ float32 and y is rounded once. A tile whose rows all have slot -1 returns at onc
 column tile (r·K per row and tile: small against the row's own K·N).
 
 For few rows (decode: one row per sequence, each with its own adapter), two launches: ``_mixed_h_kernel`` forms
-each row's h once (one program per row reads its adapter's A once), and the tile kernel loads h instead of
+each row's h once (one program per row and rank, reading x[m] and one row of its adapter's A), and the tile kernel loads h instead of
 recomputing it. Recomputing h in every column tile re-read every row's A N/BN times, which made Kernel M ~68 µs
 per layer at 32 rows on an H100 (benchmarks/multi_adapter.py --profile), against a few µs of bytes.
 
@@ -69,23 +69,21 @@ if type(_add).__name__ == "InterpretedFunction":
 
 @triton.jit
 def _mixed_h_kernel(x_ptr, slot_ptr, a_ptr, h_ptr, K, r, sxm, sxk, sap, sar, sak, R: tl.constexpr, BK: tl.constexpr):
-    """h[m] = round(x[m] A[slot m]ᵀ) (zeros where slot m < 0), one program per row; h: M×R contiguous."""
-    m = tl.program_id(0).to(tl.int64)
+    """h[m, j] = round(x[m] · A[slot m, j]) (0 where slot m < 0), one program per (row m, rank j); h: M×R."""
+    m = (tl.program_id(0) // r).to(tl.int64)
+    j = (tl.program_id(0) % r).to(tl.int64)
     slot = tl.load(slot_ptr + m)
     p = tl.maximum(slot, 0).to(tl.int64)
     k_end = tl.where(slot >= 0, K, 0)  # a base row loads nothing: h = 0
-    rr = tl.arange(0, R)
-    live_r = rr < r
     rk = tl.arange(0, BK)
-    acc = tl.full((R,), 0.0, tl.float32)
+    acc = tl.full((BK,), 0.0, tl.float32)
     for k0 in range(0, K, BK):
         kk = k0 + rk
         live_k = kk < k_end
         xv = tl.load(x_ptr + m * sxm + kk * sxk, mask=live_k, other=0.0).to(tl.float32)
-        at = tl.load(a_ptr + p * sap + rr[:, None] * sar + kk[None, :] * sak,
-                     mask=live_r[:, None] & live_k[None, :], other=0.0).to(tl.float32)
-        acc += tl.reduce(at * xv[None, :], 1, _add)
-    tl.store(h_ptr + m * R + rr, acc.to(h_ptr.dtype.element_ty))
+        av = tl.load(a_ptr + p * sap + j * sar + kk * sak, mask=live_k, other=0.0).to(tl.float32)
+        acc += xv * av
+    tl.store(h_ptr + m * R + j, tl.reduce(acc, 0, _add).to(h_ptr.dtype.element_ty))
 
 
 @triton.jit
@@ -114,7 +112,8 @@ def _mixed_kernel(
     lo = tl.reduce(tl.where(live, slot, hi), 0, _min)
     s = tl.where(live, slot, lo).to(tl.int64)
     if HAS_H:  # formed by _mixed_h_kernel, rounded, zeros for base rows
-        hq = tl.load(h_ptr + rm.to(tl.int64)[:, None] * R + rr[None, :], mask=live_m[:, None], other=0.0)
+        hq = tl.load(h_ptr + rm.to(tl.int64)[:, None] * R + rr[None, :], mask=live_m[:, None] & live_r[None, :],
+                     other=0.0)
     else:
         x_rows = x_ptr + rm.to(tl.int64)[:, None] * sxm
         h = tl.full((BM, R), 0.0, tl.float32)
@@ -168,7 +167,7 @@ _MIXED = triton_modes.FastLauncher(_mixed_kernel)
 _MIXED_H = triton_modes.FastLauncher(_mixed_h_kernel)
 # At most this many rows: h in its own launch (_mixed_h_kernel), once per row (see the module docstring).
 TWO_PHASE_MAX_ROWS = 256
-_H_BK = 256
+_H_BK = 512
 
 
 def _tiles(rows: int) -> tuple[int, int, int, int]:
@@ -192,7 +191,7 @@ def add_mixed(y: torch.Tensor, x: torch.Tensor, slot: torch.Tensor, A: torch.Ten
     if two_phase:
         h_bk = 16 if interpreted() else _H_BK
         h_ints = (K, r, *x.stride(), *A.stride()[:3])
-        _launch(_MIXED_H, (M,), h_ints, (R, h_bk), (x, slot, A, h), x, y, 4)
+        _launch(_MIXED_H, (M * r,), h_ints, (R, h_bk), (x, slot, A, h), x, y, 4)
     grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
     ints = (M, N, K, r, *x.stride(), *A.stride(), *B.stride(), *y.stride())
     consts = (two_phase, interpreted() or x.dtype == torch.float32, R, bm, bn, bk)
