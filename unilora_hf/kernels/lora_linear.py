@@ -126,9 +126,9 @@ def add_mixed_lora(result: torch.Tensor, x: torch.Tensor, slots: torch.Tensor, A
                    B: torch.Tensor) -> torch.Tensor:
     """``result`` plus each row's own LoRA term (mixed batches): row m adds ``round(x[m] A[slots[m]]ᵀ)
     B[slots[m]]ᵀ``, nothing where ``slots[m] < 0``. result/x flattened to rows; A: P×r×in, B: P×out×r in
-    result's dtype. On CUDA tensors with the triton backend, one launch of Kernel M (``mixed_kernels``) that adds
-    in place into a copy of ``result`` (in place when autograd does not need it); else the reference, one pair of
-    products per adapter present. Not differentiable in A and B on the kernel path."""
+    result's dtype. On CUDA tensors with the triton backend, Kernel M (``mixed_kernels``: two launches for up to
+    256 rows, one above), which adds in place into a copy of ``result`` (in place when autograd does not need it);
+    else the reference, one pair of products per adapter present. Not differentiable in A and B on the kernel path."""
     with _no_autocast(x):
         y2, x2 = _flat(result), _flat(x).to(A.dtype)
         kernels = None
