@@ -69,6 +69,17 @@ def launch_costs(device) -> dict:
     return out
 
 
+def timed_steps(step, n: int, times: list, enqueue: list) -> None:
+    """Run ``n`` steps, each synchronised: append its ms to ``times`` and its host enqueue ms to ``enqueue``."""
+    for _ in range(n):
+        t0 = time.perf_counter()
+        step()
+        t1 = time.perf_counter()
+        torch.cuda.synchronize()
+        times.append(1e3 * (time.perf_counter() - t0))
+        enqueue.append(1e3 * (t1 - t0))
+
+
 def kernels_and_busy(step) -> tuple[int, float]:
     from torch.profiler import ProfilerActivity, profile
 
@@ -140,13 +151,7 @@ def main_compiled(a) -> dict:
         print(f"[{time.strftime('%H:%M:%S')}] {key} compiled and warm", flush=True)
     for _ in range(a.rounds):
         for key, step in rows.items():
-            for _ in range(a.steps):
-                t0 = time.perf_counter()
-                step()
-                t1 = time.perf_counter()
-                torch.cuda.synchronize()
-                times[key].append(1e3 * (time.perf_counter() - t0))
-                enqueue[key].append(1e3 * (t1 - t0))
+            timed_steps(step, a.steps, times[key], enqueue[key])
     for key, step in rows.items():
         record["rows"][key].update(step_ms_median=statistics.median(times[key]), step_ms_min=min(times[key]),
                                    enqueue_ms_median=statistics.median(enqueue[key]), **kernel_breakdown(step, a.top))
@@ -217,13 +222,7 @@ def main(argv=None) -> dict:
             for _ in range(2):
                 step()
             torch.cuda.synchronize()
-            for _ in range(a.steps):
-                t0 = time.perf_counter()
-                step()
-                t1 = time.perf_counter()
-                torch.cuda.synchronize()
-                times[key].append(1e3 * (time.perf_counter() - t0))
-                enqueue[key].append(1e3 * (t1 - t0))
+            timed_steps(step, a.steps, times[key], enqueue[key])
     record["rows"] = {}
     for key, (step, impl) in rows.items():
         lora_linear.fused_kernels = impl
