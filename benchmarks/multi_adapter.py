@@ -14,7 +14,8 @@ process, ``generate`` with a batch of ``--batch`` (32) prompts of ``--prompt`` (
       over those calls.
 
 Decode throughput = batch · new tokens / seconds of the ``generate`` call (prefill included, as a user sees
-it), and also the decode-only rate from the time per step after the first. Then: GPU memory beyond the base
+it), and also the decode-only rate from the time per step after the first (medians of ``--gen-repeats`` (3) calls
+of each length for rows a–c). Then: GPU memory beyond the base
 with N = 1, 100, 1,000 adapters resident (θ_d only, added from memory), the time to add one adapter from a local
 folder (median of ``--add-repeats``) and to switch the active one (median of 100).
 
@@ -56,13 +57,17 @@ def parse_args(argv=None):
     p.add_argument("--d", type=int, default=None, help="default 2^19; tiny 512")
     p.add_argument("--resident", default=None, help="comma-separated N (default 1,100,1000; tiny 1,10)")
     p.add_argument("--add-repeats", type=int, default=None, help="default 20; tiny 3")
+    p.add_argument("--gen-repeats", type=int, default=None,
+                   help="timed generate calls per length for the base, one-adapter and mixed rows (median; default 3; "
+                        "tiny 1)")
     p.add_argument("--only", default=None, help=f"comma-separated rows out of {','.join(ROWS)}")
     p.add_argument("--profile", action="store_true", help="profile decode steps of base, one_adapter, mixed")
     args = p.parse_args(argv)
     tiny = args.tiny
     args.dtype = args.dtype or ("fp32" if tiny else "bf16")
     for name, full, small in (("batch", 32, 4), ("prompt", 512, 8), ("new_tokens", 128, 4), ("peft_new_tokens", 16, 2),
-                              ("serial_adapters", 4, 2), ("r", 16, 4), ("d", 2**19, 512), ("add_repeats", 20, 3)):
+                              ("serial_adapters", 4, 2), ("r", 16, 4), ("d", 2**19, 512), ("add_repeats", 20, 3),
+                              ("gen_repeats", 3, 1)):
         if getattr(args, name) is None:
             setattr(args, name, small if tiny else full)
     args.resident = [int(n) for n in (args.resident or ("1,10" if tiny else "1,100,1000")).split(",")]
@@ -70,22 +75,27 @@ def parse_args(argv=None):
     unknown = [k for k in args.rows if k not in ROWS]
     if unknown:
         p.error(f"--only: unknown row(s) {unknown}; the rows are {', '.join(ROWS)}")
-    if min(args.batch, args.prompt, args.new_tokens, args.peft_new_tokens, args.serial_adapters, args.add_repeats) < 1:
-        p.error("--batch, --prompt, --new-tokens, --peft-new-tokens, --serial-adapters and --add-repeats must be >= 1")
+    if min(args.batch, args.prompt, args.new_tokens, args.peft_new_tokens, args.serial_adapters, args.add_repeats,
+           args.gen_repeats) < 1:
+        p.error("--batch, --prompt, --new-tokens, --peft-new-tokens, --serial-adapters, --add-repeats and --gen-repeats "
+                "must be >= 1")
     return args
 
 
-def generate_seconds(model, ids, new_tokens, device, **kwargs) -> tuple[float, torch.Tensor]:
+def generate_seconds(model, ids, new_tokens, device, repeats: int = 1, **kwargs) -> tuple[float, torch.Tensor]:
+    """Median seconds of ``repeats`` generate calls after one warm-up (Triton compiles, cuBLAS picks its kernels)."""
     run = lambda: model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,  # noqa
                                  min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, **kwargs)
-    run()  # warm-up (Triton compiles, cuBLAS picks its kernels)
-    return common.timed(run, device)
+    out = run()
+    seconds = [common.timed(run, device)[0] for _ in range(repeats)]
+    return statistics.median(seconds), out
 
 
-def step_rate(model, ids, device, new_tokens, **kwargs) -> dict:
-    """Tokens/s of the whole generate call, and of decoding alone (two runs: 1 and new_tokens new tokens)."""
-    full, out = generate_seconds(model, ids, new_tokens, device, **kwargs)
-    first, _ = generate_seconds(model, ids, 1, device, **kwargs)
+def step_rate(model, ids, device, new_tokens, repeats: int = 1, **kwargs) -> dict:
+    """Tokens/s of the whole generate call, and of decoding alone (medians of ``repeats`` calls with 1 and with
+    new_tokens new tokens)."""
+    full, out = generate_seconds(model, ids, new_tokens, device, repeats, **kwargs)
+    first, _ = generate_seconds(model, ids, 1, device, repeats, **kwargs)
     rows = ids.shape[0]
     decode = (full - first) / max(new_tokens - 1, 1)
     return {"generate_s": full, "tokens_per_s": rows * new_tokens / full, "prefill_and_first_s": first,
@@ -166,18 +176,20 @@ def main(argv=None) -> dict:
 
     with torch.no_grad():
         if "base" in args.rows:
-            rows["base"] = common.run_row("base", lambda: step_rate(base, ids, device, args.new_tokens), device)
+            rows["base"] = common.run_row(
+                "base", lambda: step_rate(base, ids, device, args.new_tokens, args.gen_repeats), device)
         if {"one_adapter", "mixed"} & set(args.rows):
             load_adapter(base, folders[0], adapter_name="u0")
             for i in range(1, args.batch):
                 base.load_adapter(folders[i], adapter_name=f"u{i}")
             if "one_adapter" in args.rows:
                 rows["one_adapter"] = common.run_row(
-                    "one_adapter", lambda: step_rate(base, ids, device, args.new_tokens), device)
+                    "one_adapter", lambda: step_rate(base, ids, device, args.new_tokens, args.gen_repeats), device)
             if "mixed" in args.rows:
                 names = [f"u{i}" for i in range(args.batch)]
                 rows["mixed"] = common.run_row(
-                    "mixed", lambda: step_rate(base, ids, device, args.new_tokens, adapter_names=names), device)
+                    "mixed", lambda: step_rate(base, ids, device, args.new_tokens, args.gen_repeats, adapter_names=names),
+                    device)
             if args.profile:
                 names = [f"u{i}" for i in range(args.batch)]
                 adapter = get_adapter(base)
