@@ -14,9 +14,10 @@ float32 and y is rounded once. A tile whose rows all have slot -1 returns at onc
 column tile (r·K per row and tile: small against the row's own K·N).
 
 For few rows (decode: one row per sequence, each with its own adapter), two launches: ``_mixed_h_kernel`` forms
-each row's h once (one program per row and rank, reading x[m] and one row of its adapter's A), and the tile kernel loads h instead of
-recomputing it. Recomputing h in every column tile re-read every row's A N/BN times, which made Kernel M ~68 µs
-per layer at 32 rows on an H100 (benchmarks/multi_adapter.py --profile), against a few µs of bytes.
+each row's h once (one program per row and rank, reading x[m] and one row of its adapter's A), and the tile kernel
+loads h instead of recomputing it. Recomputing h in every column tile re-read every row's A N/BN times: Kernel M
+took ~68 µs per layer at 32 rows on an H100, the two launches now ~8.5 µs (benchmarks/multi_adapter.py --profile,
+RESULTS.md).
 
 The pure-PyTorch reference is ``reference.mixed_lora``; ``lora_linear.add_mixed_lora`` dispatches.
 """
