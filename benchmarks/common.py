@@ -235,6 +235,17 @@ def moved(params: list[torch.nn.Parameter], before: list[torch.Tensor], n: int =
 
 
 # -- running rows, tables and the JSON record ------------------------------------------------------
+def kernels_by_name(prof) -> dict[str, list]:
+    """From a finished ``torch.profiler.profile``: CUDA kernel name (first 90 characters) -> [calls, GPU ms]."""
+    by_name: dict[str, list] = {}
+    for e in prof.events():
+        if e.device_type.name == "CUDA":
+            entry = by_name.setdefault(e.name[:90], [0, 0.0])
+            entry[0] += 1
+            entry[1] += e.device_time / 1e3
+    return by_name
+
+
 def run_row(key: str, fn: Callable[[], dict], device: torch.device) -> dict:
     """Run one benchmark row; an exception is recorded (and printed) instead of ending the whole run."""
     print(f"[{time.strftime('%H:%M:%S')}] {key} ...", flush=True)

@@ -116,13 +116,7 @@ def decode_profile(model, ids, device, **kwargs) -> dict:
         run()
         with profile(activities=activities) as prof:
             seconds, _ = common.timed(run, device)
-        names: dict[str, list] = {}
-        for e in prof.events():
-            if e.device_type.name == "CUDA":
-                entry = names.setdefault(e.name[:90], [0, 0.0])
-                entry[0] += 1
-                entry[1] += e.device_time / 1e3
-        totals[n] = (seconds, names)
+        totals[n] = (seconds, common.kernels_by_name(prof))
     (s1, n1), (s9, n9) = totals[1], totals[9]
     per = {k: [(v[0] - n1.get(k, [0, 0.0])[0]) / 8, (v[1] - n1.get(k, [0, 0.0])[1]) / 8] for k, v in n9.items()}
     ranked = sorted(per.items(), key=lambda kv: -kv[1][1])

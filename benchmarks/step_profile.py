@@ -97,13 +97,7 @@ def kernel_breakdown(step, top: int) -> dict:
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         step()
         torch.cuda.synchronize()
-    by_name: dict[str, list] = {}
-    for e in prof.events():
-        if e.device_type.name != "CUDA":
-            continue
-        entry = by_name.setdefault(e.name[:90], [0, 0.0])
-        entry[0] += 1
-        entry[1] += e.device_time / 1e3
+    by_name = common.kernels_by_name(prof)
     ranked = sorted(by_name.items(), key=lambda kv: -kv[1][1])
     return {"kernels": sum(c for c, _ in by_name.values()), "gpu_busy_ms": sum(t for _, t in by_name.values()),
             "top": [{"name": k, "calls": c, "gpu_ms": t} for k, (c, t) in ranked[:top]]}
@@ -163,14 +157,13 @@ def main_compiled(a) -> dict:
         print(f"| {key} | {r['step_ms_median']:.2f} | {r['step_ms_median'] / f['step_ms_median']:.3f} | "
               f"{r['enqueue_ms_median']:.2f} | {r['kernels']} | {r['gpu_busy_ms']:.2f} |")
     floor_names = {t["name"]: t for t in f["top"]}
-    for key in ("unilora_hf",):
-        o = record["rows"][key]
-        print(f"\n{key}: top kernels (calls, GPU ms; the floor's same-named kernel beside it), GPU busy "
-              f"{o['gpu_busy_ms']:.2f} ms against the floor's {f['gpu_busy_ms']:.2f} ms:")
-        for t in o["top"]:
-            fl = floor_names.get(t["name"])
-            print(f"  {t['calls']:5d} {t['gpu_ms']:8.3f}   floor: {fl['calls'] if fl else '-':>5} "
-                  f"{fl['gpu_ms'] if fl else 0.0:8.3f}   {t['name']}")
+    o = record["rows"]["unilora_hf"]
+    print(f"\nunilora_hf: top kernels (calls, GPU ms; the floor's same-named kernel beside it), GPU busy "
+          f"{o['gpu_busy_ms']:.2f} ms against the floor's {f['gpu_busy_ms']:.2f} ms:")
+    for t in o["top"]:
+        fl = floor_names.get(t["name"])
+        print(f"  {t['calls']:5d} {t['gpu_ms']:8.3f}   floor: {fl['calls'] if fl else '-':>5} "
+              f"{fl['gpu_ms'] if fl else 0.0:8.3f}   {t['name']}")
     common.write_json(a.out, record)
     return record
 

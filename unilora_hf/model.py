@@ -147,6 +147,7 @@ class MixedBatch:
         self.slots = slots
         self.heads = heads
         self._stacked: dict[tuple, torch.Tensor] = {}
+        self._pairs: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self._token_slots: dict[tuple, torch.Tensor] = {}
 
     @property
@@ -168,13 +169,18 @@ class MixedBatch:
         return out
 
     def layer_pair(self, spec: LayerSpec, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A, B) of the layer for every adapter present: P×r×in and P×out×r views of `stacked`."""
-        flat = self.stacked(device, dtype)
-        a, b = spec.split_sizes
-        P = flat.shape[0]
-        A = flat[:, spec.offset : spec.offset + a].view(P, spec.r, spec.in_features)
-        B = flat[:, spec.offset + a : spec.offset + a + b].view(P, spec.out_features, spec.r)
-        return A, B
+        """(A, B) of the layer for every adapter present: P×r×in and P×out×r views of `stacked` (made once per
+        layer, device and dtype in the batch block: this runs at every layer call of every decoding step)."""
+        key = (spec.offset, device, dtype)
+        pair = self._pairs.get(key)
+        if pair is None:
+            flat = self.stacked(device, dtype)
+            a, b = spec.split_sizes
+            P = flat.shape[0]
+            A = flat[:, spec.offset : spec.offset + a].view(P, spec.r, spec.in_features)
+            B = flat[:, spec.offset + a : spec.offset + a + b].view(P, spec.out_features, spec.r)
+            pair = self._pairs[key] = (A, B)
+        return pair
 
     def token_slots(self, x: torch.Tensor) -> torch.Tensor:
         """The adapter slot of each row of ``x`` flattened to (batch·tokens, features): rows are batch-major."""
@@ -573,9 +579,6 @@ class UniLoraAdapter:
         """The resident adapters, in the order they were added (the first is ``"default"`` unless named)."""
         return list(self._names)
 
-    def _live_tensors(self) -> dict[str, torch.Tensor]:
-        return {k: v for k, v in self.saved_state().items()}
-
     def check_compatible(self, name: str, config: UniLoraConfig, D: int | None, fingerprint: str | None,
                          tensors: dict[str, torch.Tensor]) -> None:
         """InvalidConfigError / LayoutMismatchError unless an adapter with ``config`` shares this adapter's projection,
@@ -602,7 +605,7 @@ class UniLoraAdapter:
                 f"adapter {name!r} was trained on another layout (D = {D}, fingerprint {fingerprint}; resident: "
                 f"D = {self.D}, {self.fingerprint}); load it onto the base model it was trained for"
             )
-        live = self._live_tensors()
+        live = self.saved_state()
         if set(live) != set(tensors) or any(tuple(live[k].shape) != tuple(t.shape) for k, t in tensors.items()):
             raise LayoutMismatchError(
                 f"adapter {name!r} trains other tensors than the resident adapters ({sorted(tensors)} vs {sorted(live)}"
@@ -625,7 +628,7 @@ class UniLoraAdapter:
         if tuple(theta_d.shape) != (self.config.theta_d_length,):
             raise InvalidArgumentError(f"θ_d of {name!r} has shape {tuple(theta_d.shape)}, expected "
                                        f"({self.config.theta_d_length},)")
-        live_theta, live = self.theta_d, self._live_tensors()
+        live_theta, live = self.theta_d, self.saved_state()
         state = (theta_d.detach().to(device=live_theta.device, dtype=torch.float32).clone(),
                  {k: t.detach().to(device=live[k].device, dtype=live[k].dtype).clone() for k, t in tensors.items()})
         self._bank[name] = state
@@ -636,7 +639,7 @@ class UniLoraAdapter:
         parameters only, so a kept adapter follows on its first use after a move."""
         theta, tensors = self._bank[name]
         live_theta = self.theta_d
-        live = self._live_tensors() if tensors else {}
+        live = self.saved_state() if tensors else {}
         if theta.device != live_theta.device or any((t.device, t.dtype) != (live[k].device, live[k].dtype)
                                                     for k, t in tensors.items()):
             theta = theta.to(live_theta.device)
@@ -659,7 +662,7 @@ class UniLoraAdapter:
         theta, tensors = self._banked(name)
         # adapters are θ_d plus heads and biases: without those there is nothing else to keep per adapter
         keeps_more = bool(tensors or self.head_names or self._bias_originals or self.config.bias != "none")
-        live_theta, live = self.theta_d, (self._live_tensors() if keeps_more else {})
+        live_theta, live = self.theta_d, (self.saved_state() if keeps_more else {})
         with torch.no_grad():
             self._bank[self.active_adapter] = (live_theta.detach().clone(),
                                                {k: t.detach().clone() for k, t in live.items()})
@@ -706,7 +709,7 @@ class UniLoraAdapter:
         thetas = torch.stack([live_theta if n == self.active_adapter else self._banked(n)[0].to(live_theta.dtype)
                               for n in present]) \
             if present else live_theta.new_zeros((0, live_theta.numel()))
-        heads = {n: (self._live_tensors() if n == self.active_adapter else self._banked(n)[1]) for n in present}
+        heads = {n: (self.saved_state() if n == self.active_adapter else self._banked(n)[1]) for n in present}
         slots = torch.tensor([present.index(n) if n != BASE_NAME else -1 for n in names], dtype=torch.int32)
         self._mixed = MixedBatch(self, present, thetas, slots, heads)
         try:

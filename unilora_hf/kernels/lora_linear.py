@@ -23,6 +23,7 @@ the activation dtype, as the unfused ops store them.
 
 from __future__ import annotations
 
+import importlib
 import os
 
 import torch
@@ -42,26 +43,29 @@ def _no_autocast(x: torch.Tensor):
 
 _FUSED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _FUSED_MAX_RANK = 128  # linear_kernels.R_MAX (that module needs triton)
-_fused_modules: dict = {}
+_kernel_modules: dict = {}
 # Kernel E for the backward's dx: off, as it measured slower than the cuBLAS GEMMs in a training step on
 # an H100 (benchmarks/step_profile.py, RESULTS.md); the tests run both.
 _KERNEL_E = False
 
 
-def fused_kernels(device: torch.device):
-    """The module of Kernels D/E for tensors on ``device`` when the ``triton`` backend applies to them
-    (CUDA, or CPU under ``TRITON_INTERPRET=1`` with the backend forced), else None. Cached per device,
-    forced backend and environment value: this runs once per layer call."""
-    key = (device, dispatch._forced, os.environ.get(dispatch.ENV_VAR))
-    module = _fused_modules.get(key, False)
+def _kernel_module(name: str, device: torch.device):
+    """The Triton kernel module ``name`` of this package for tensors on ``device`` when the ``triton`` backend
+    applies to them (CUDA, or CPU under ``TRITON_INTERPRET=1`` with the backend forced), else None. Cached per
+    device, forced backend and environment value: this runs once per layer call."""
+    key = (name, device, dispatch._forced, os.environ.get(dispatch.ENV_VAR))
+    module = _kernel_modules.get(key, False)
     if module is False:
         module = None
         if dispatch.resolve_backend(device) == "triton":
-            from . import linear_kernels
-
-            module = linear_kernels.for_device(device)
-        _fused_modules[key] = module
+            module = importlib.import_module(f"{__package__}.{name}").for_device(device)
+        _kernel_modules[key] = module
     return module
+
+
+def fused_kernels(device: torch.device):
+    """The module of Kernels D/E for tensors on ``device`` (``linear_kernels``), or None (``_kernel_module``)."""
+    return _kernel_module("linear_kernels", device)
 
 
 class _FusedFrozenLinearLora(torch.autograd.Function):
@@ -132,11 +136,8 @@ def add_mixed_lora(result: torch.Tensor, x: torch.Tensor, slots: torch.Tensor, A
     with _no_autocast(x):
         y2, x2 = _flat(result), _flat(x).to(A.dtype)
         kernels = None
-        if (y2.is_cuda and A.shape[1] <= 64 and not torch.compiler.is_compiling()
-                and dispatch.resolve_backend(y2.device) == "triton"):
-            from . import mixed_kernels
-
-            kernels = mixed_kernels.for_device(y2.device)
+        if y2.is_cuda and A.shape[1] <= 64 and not torch.compiler.is_compiling():
+            kernels = _kernel_module("mixed_kernels", y2.device)
         if kernels is not None and not (torch.is_grad_enabled() and (x.requires_grad or result.requires_grad)):
             out = y2.contiguous()
             kernels.add_mixed(out, x2.contiguous(), slots.to(device=out.device, dtype=torch.int32), A, B)
