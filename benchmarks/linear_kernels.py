@@ -20,6 +20,12 @@ LoRA pieces (``h = x Aᵀ``, ``y += h Bᵀ``, Kernel D, ``gB = g B``, ``dx += gB
 ``dB = gᵀ h``, and dA/dB as S batched partial products summed in float32, S = 8, 32).
 
     PYTHONPATH=. python benchmarks/linear_kernels.py --pieces --out $OUT/lora_pieces.json
+
+``--projection``: pure GPU time (CUDA graphs, as ``--pieces``) of Kernel A (readout θ_D = P θ_d) and Kernel B
+(θ gradient Pᵀ g, g bf16) of the native projection at the D of the 1.1B shape (22 layers) and of a 32-layer 7B,
+r = 16, d = 2^19, with the permutation in uint32 (what runs for D < 2^32) and in int64 (the wide form).
+
+    PYTHONPATH=. python benchmarks/linear_kernels.py --projection --out $OUT/projection_kernels.json
 """
 
 from __future__ import annotations
@@ -160,6 +166,32 @@ def launch_breakdown(lk, dev, n: int = 2000) -> dict:
     return out
 
 
+def projection(reps: int) -> dict:
+    from unilora_hf.kernels import projection_kernels
+
+    pk = projection_kernels.for_device("cuda")
+    narrow = pk.narrow
+    out = {}
+    for name, size, layers in (("1.1B", "1b", 22), ("7B", "7b", 32)):
+        D, d = 16 * common.lora_numel_per_rank(common.llama_config(size, layers)), 2**19
+        theta = torch.randn(d, device="cuda")
+        g = torch.randn(D, device="cuda", dtype=torch.bfloat16)
+        row = {"D": D, "d": d}
+        try:
+            for label, rule in (("uint32", narrow), ("int64", lambda D: False)):
+                pk.narrow = rule
+                row[f"readout_us_{label}"] = graph_us(lambda: pk.readout_native(theta, 7, D), reps)
+                row[f"grad_us_{label}"] = graph_us(lambda: pk.grad_native(g, 7, D, d), reps)
+                row[f"out_{label}"] = (pk.readout_native(theta, 7, D), pk.grad_native(g, 7, D, d))
+        finally:
+            pk.narrow = narrow
+        (a, b), (c, e) = row.pop("out_uint32"), row.pop("out_int64")
+        row["bit_identical"] = bool(torch.equal(a, c) and torch.equal(b.view(torch.int32), e.view(torch.int32)))
+        print(name, {k: (round(v, 1) if isinstance(v, float) else v) for k, v in row.items()})
+        out[name] = row
+    return out
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True)
@@ -167,12 +199,17 @@ def main(argv=None) -> dict:
     p.add_argument("--r", type=int, default=16)
     p.add_argument("--launch-only", action="store_true", help="only the launch-cost breakdown")
     p.add_argument("--pieces", action="store_true", help="only the GPU time of each GEMM piece (CUDA graphs)")
+    p.add_argument("--projection", action="store_true", help="only Kernels A and B, uint32 against int64")
     a = p.parse_args(argv)
     from unilora_hf.kernels import linear_kernels, lora_linear
 
     lk = linear_kernels.for_device("cuda")
     dev, dt = torch.device("cuda"), torch.bfloat16
     record = {"benchmark": "linear_kernels", "environment": common.environment(dev), "r": a.r, "shapes": {}}
+    if a.projection:
+        record["projection"] = projection(a.reps)
+        common.write_json(a.out, record)
+        return record
     if a.pieces:
         record["pieces"] = pieces(lk, a.r, a.reps)
         common.write_json(a.out, record)

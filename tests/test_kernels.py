@@ -122,6 +122,34 @@ def test_readout_range_crossing_blocks():
         readout(theta, P, 4000, 1001)
 
 
+@pytest.mark.parametrize("D,d", [(3001, 7), (700, 260)])
+def test_wide_and_narrow_integer_paths_agree(monkeypatch, D, d):
+    """Below 2^32 the native kernels run the permutation in uint32; the int64 form must give the same bits."""
+    P = Projection.build("native", 2**40 + 12345, D, d)
+    k = pk.for_device("cpu")
+    theta, g, pos = torch.randn(d), torch.randn(D), torch.arange(D)
+    assert k.narrow(D) and not k.narrow(2**32)
+    with force_backend("triton"):
+        narrow = (k.native_permute(pos, P.seed, D), readout(theta, P), theta_grad(g, P))
+        monkeypatch.setattr(k, "narrow", lambda D: False)
+        wide = (k.native_permute(pos, P.seed, D), readout(theta, P), theta_grad(g, P))
+    assert torch.equal(narrow[0], P.permute(pos)) and torch.equal(narrow[1], reference_readout(theta, P))
+    for a, b in zip(narrow, wide):
+        assert torch.equal(a.view(-1).view(torch.int32 if a.dtype == torch.float32 else a.dtype),
+                           b.view(-1).view(torch.int32 if b.dtype == torch.float32 else b.dtype))
+
+
+def test_domain_beyond_32_bits_uses_the_int64_path():
+    D, start = 3 * 2**31 + 5, 2**32 - 7  # D ≥ 2^32: not narrow; positions on both sides of 2^32
+    P = Projection.build("native", 2**63 - 1, D, 1000)
+    k = pk.for_device("cpu")
+    pos = torch.arange(start, start + 50)
+    assert not k.narrow(D)
+    assert torch.equal(k.native_permute(pos, P.seed, D), P.permute(pos))
+    with force_backend("triton"):
+        assert torch.equal(native_indices(P, start, 50), P.indices(start, 50))
+
+
 # -- Kernel B: gradient --------------------------------------------------------------------------
 
 

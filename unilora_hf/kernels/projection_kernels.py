@@ -4,7 +4,9 @@ modules of ``unilora_hf`` that import ``triton``.
 
 Kernel A, readout: ``out[t] = θ_d[idx(start + t)] · s(idx(start + t))`` for ``t < count``, float32.
     native: π is evaluated per position in the kernel (keys, 4-round Feistel, cycle-walk while any lane
-    is ≥ D), all in int64 with 32-bit masks, so idx is bit-identical to ``Projection.indices``; the
+    is ≥ D), in uint32 when D < 2^32 (``narrow``; every intermediate then fits, and uint32 products wrap
+    as the masked ones do) and else in int64 with 32-bit masks, so idx is bit-identical to
+    ``Projection.indices``; the
     scale is ``scale_values[0]`` if ``idx < D mod d`` else ``scale_values[1]``. peft: idx and s are
     read from the int32 table and the float32 scale table. Each output is one float32 product, the
     same one the reference forms, so the readout is bit-identical to
@@ -134,26 +136,45 @@ def _unbias_keys(k0, k1, k2, k3):
     return k0 - 4294967296, k1 - 4294967296, k2 - 4294967296, k3 - 4294967296
 
 
+@triton.jit
+def _walk_from(x, k0, k1, k2, k3, h, mh, D, INVERSE: tl.constexpr, NARROW: tl.constexpr):
+    """π(x) (π⁻¹ when INVERSE) of int64 x in [0, D), int64. NARROW (D < 2^32): every value of the walk
+    and of the round function lies in [0, 2^32), so it runs in uint32, whose products wrap mod 2^32
+    exactly as the int64 form's masked ones do: the same bits at a fraction of the integer work."""
+    if NARROW:
+        y = _walk(x.to(tl.uint32), k0.to(tl.uint32), k1.to(tl.uint32), k2.to(tl.uint32), k3.to(tl.uint32),
+                  h, mh.to(tl.uint32), D.to(tl.uint32), INVERSE)
+        y = y.to(tl.int64)
+    else:
+        y = _walk(x, k0, k1, k2, k3, h, mh, D, INVERSE)
+    return y
+
+
 @triton.jit(do_not_specialize=_SCALARS)
-def _permute_kernel(pos_ptr, out_ptr, n, D, k0, k1, k2, k3, h, mh, INVERSE: tl.constexpr, BLOCK: tl.constexpr):
+def _permute_kernel(
+    pos_ptr, out_ptr, n, D, k0, k1, k2, k3, h, mh, INVERSE: tl.constexpr, NARROW: tl.constexpr, BLOCK: tl.constexpr
+):
     k0, k1, k2, k3 = _unbias_keys(k0, k1, k2, k3)
     lane = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     live = lane < n
     x = tl.load(pos_ptr + lane, mask=live, other=0).to(tl.int64)
-    y = _walk(x, k0, k1, k2, k3, h, mh, D, INVERSE)
+    y = _walk_from(x, k0, k1, k2, k3, h, mh, D, INVERSE, NARROW)
     tl.store(out_ptr + lane, y, mask=live)
 
 
 @triton.jit(do_not_specialize=_SCALARS)
 def _readout_native_kernel(
     theta_ptr, out_ptr, idx_ptr, start, count, D, d, rem, big, small, k0, k1, k2, k3, h, mh,
-    WRITE_OUT: tl.constexpr, WRITE_IDX: tl.constexpr, BLOCK: tl.constexpr,
+    WRITE_OUT: tl.constexpr, WRITE_IDX: tl.constexpr, NARROW: tl.constexpr, BLOCK: tl.constexpr,
 ):
     k0, k1, k2, k3 = _unbias_keys(k0, k1, k2, k3)
     lane = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     live = lane < count
     pos = tl.where(live, lane + start, 0)
-    col = _walk(pos, k0, k1, k2, k3, h, mh, D, False) % d
+    if NARROW:  # π(pos) < D < 2^32 and d ≤ D: the modulo in uint32 too
+        col = ((_walk_from(pos, k0, k1, k2, k3, h, mh, D, False, True).to(tl.uint32)) % d.to(tl.uint32)).to(tl.int64)
+    else:
+        col = _walk(pos, k0, k1, k2, k3, h, mh, D, False) % d
     if WRITE_IDX:
         tl.store(idx_ptr + lane, col, mask=live)
     if WRITE_OUT:
@@ -185,7 +206,7 @@ def _column_scale(scales_ptr, col, live, rem, big, small, NATIVE_KIND: tl.conste
 def _grad_kernel(
     g_ptr, out_ptr, part_ptr, scales_ptr, rows_ptr, offsets_ptr, D, d, q, rem, big, small,
     k0, k1, k2, k3, h, mh, iters,
-    NATIVE_KIND: tl.constexpr, FINAL: tl.constexpr, BJ: tl.constexpr, BM: tl.constexpr,
+    NATIVE_KIND: tl.constexpr, NARROW: tl.constexpr, FINAL: tl.constexpr, BJ: tl.constexpr, BM: tl.constexpr,
 ):
     k0, k1, k2, k3 = _unbias_keys(k0, k1, k2, k3)
     col_block = tl.program_id(0).to(tl.int64)
@@ -205,7 +226,7 @@ def _grad_kernel(
         m = (split * iters + it) * BM + lane % BM
         valid = col_live & (m < n)
         if NATIVE_KIND:
-            rows = _walk(tl.where(valid, col + m * d, 0), k0, k1, k2, k3, h, mh, D, True)
+            rows = _walk_from(tl.where(valid, col + m * d, 0), k0, k1, k2, k3, h, mh, D, True, NARROW)
         else:
             rows = tl.load(rows_ptr + first + m, mask=valid, other=0).to(tl.int64)
         g = tl.load(g_ptr + rows, mask=valid, other=0.0).to(tl.float32)
@@ -307,6 +328,11 @@ def _native_args(seed: int, D: int) -> tuple[int, ...]:
     return (*(k + KEY_BIAS for k in feistel_keys(seed)), h, (1 << h) - 1)
 
 
+def narrow(D: int) -> bool:
+    """Whether the native permutation on [0, D) runs in uint32 (D < 2^32) rather than int64."""
+    return D < 1 << 32
+
+
 def _native_scales(D: int, d: int) -> tuple[int, int, float, float]:
     """(q, rem, s_big, s_small) with n_j = q + [j < rem] and s = float32 nearest 1/sqrt(n)."""
     q, rem, _ = balanced_counts(D, d)
@@ -322,7 +348,7 @@ def native_permute(positions: torch.Tensor, seed: int, D: int, inverse: bool = F
     if x.numel():
         with _on_device(x.device):
             _permute_kernel[(triton.cdiv(x.numel(), READOUT_BLOCK),)](
-                x, out, x.numel(), D, *_native_args(seed, D), INVERSE=inverse, BLOCK=READOUT_BLOCK
+                x, out, x.numel(), D, *_native_args(seed, D), INVERSE=inverse, NARROW=narrow(D), BLOCK=READOUT_BLOCK
             )
     return out.view(positions.shape)
 
@@ -336,7 +362,7 @@ def native_indices(seed: int, D: int, d: int, start: int, count: int, device: to
         with _on_device(out.device):
             _readout_native_kernel[(triton.cdiv(count, READOUT_BLOCK),)](
                 out, out, out, start, count, D, d, rem, big, small, *_native_args(seed, D),
-                WRITE_OUT=False, WRITE_IDX=True, BLOCK=READOUT_BLOCK,
+                WRITE_OUT=False, WRITE_IDX=True, NARROW=narrow(D), BLOCK=READOUT_BLOCK,
             )
     return out
 
@@ -353,7 +379,7 @@ def readout_native(theta_d: torch.Tensor, seed: int, D: int, start: int = 0, cou
         with _on_device(theta.device):
             _readout_native_kernel[(triton.cdiv(count, READOUT_BLOCK),)](
                 theta, out, out, start, count, D, d, rem, big, small, *_native_args(seed, D),
-                WRITE_OUT=True, WRITE_IDX=False, BLOCK=READOUT_BLOCK,
+                WRITE_OUT=True, WRITE_IDX=False, NARROW=narrow(D), BLOCK=READOUT_BLOCK,
             )
     return out
 
@@ -404,7 +430,7 @@ def _launch_grad(g, out, scales, rows, offsets, D, d, native_args, native_kind):
     with _on_device(out.device):
         _grad_kernel[(col_blocks, splits)](
             g, out, part, scales, rows, offsets, D, d, q, rem, big, small, *native_args, iters,
-            NATIVE_KIND=native_kind, FINAL=splits == 1, BJ=bj, BM=bm,
+            NATIVE_KIND=native_kind, NARROW=native_kind and narrow(D), FINAL=splits == 1, BJ=bj, BM=bm,
         )
         if splits > 1:
             _grad_finish_kernel[(triton.cdiv(d, READOUT_BLOCK),)](
