@@ -124,6 +124,59 @@ def test_compiled_forward_with_static_cache_generates_the_eager_tokens():
     assert not torch.equal(eager, base_tokens)  # the adapter changes what is generated
 
 
+def _fused_op_calls(model, ids, training: bool) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """(custom-op calls in the traced graph, compiled logits, eager logits) with the triton backend forced (CPU:
+    Triton's interpreter)."""
+    from unilora_hf.kernels import force_backend
+    from unilora_hf.kernels.triton_modes import interpreter_switch
+
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    model.train(training)
+    with interpreter_switch(True), force_backend("triton"), torch.set_grad_enabled(training):
+        want = model(input_ids=ids).logits
+        got = torch.compile(model, backend=capture)(input_ids=ids).logits
+    calls = sum("frozen_linear_lora_inference" in str(node.target) for gm in graphs for node in gm.graph.nodes)
+    return calls, got, want
+
+
+def test_compiled_decoding_runs_kernel_d_as_one_op_per_layer():
+    """Compiled inference on at most 64 rows calls Kernel D through the custom op, once per adapted layer, with
+    the eager layer's bits; training, and inference on more rows, keep the traced PyTorch ops."""
+    model = adapted(2)
+    calls, got, want = _fused_op_calls(model, tokens(model, 1, 3), training=False)
+    assert calls == len(get_adapter(model).layers) == 14
+    assert torch.equal(got, want)
+    assert _fused_op_calls(model, tokens(model, 2, 40), training=False)[0] == 0
+    dynamo.reset()
+    calls, got, want = _fused_op_calls(model, tokens(model, 1, 3), training=True)
+    assert calls == 0
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_inductor_decoding_with_kernel_d_matches_eager():
+    """The custom op inside an Inductor graph (CPU inductor, Kernel D in Triton's interpreter) over a static-cache
+    generation: the eager tokens."""
+    from unilora_hf.kernels import force_backend
+    from unilora_hf.kernels.triton_modes import interpreter_switch
+
+    model = adapted().eval()
+    with torch.no_grad():
+        get_adapter(model).theta_d.mul_(25.0)
+    ids = tokens(model, 1, 5)
+    kwargs = dict(input_ids=ids, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0,
+                  cache_implementation="static")
+    with interpreter_switch(True), force_backend("triton"):
+        eager = model.generate(**kwargs)
+        model.forward = torch.compile(model.forward)
+        compiled = model.generate(**kwargs)
+    assert torch.equal(compiled, eager)
+
+
 @pytest.mark.gpu
 class TestCuda:
     @pytest.fixture(autouse=True)

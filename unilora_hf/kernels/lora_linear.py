@@ -12,10 +12,14 @@ whose forward is one launch of Kernel D (``linear_kernels``: base GEMM, LoRA pro
 kernel, which also keeps h) and whose backward is ``gB = g B``, ``dx = g W + gB A`` (one GEMM
 accumulating into another) and the two small GEMMs for dA and dB, on cuBLAS. Kernel E (dx and gB in
 one launch) is the alternative backward (``_KERNEL_E``); it measured slower than these GEMMs in a
-training step on an H100, so it is off. Under ``torch.compile`` and on the ``reference`` backend the
-layer is the same maths in PyTorch ops (``y = F.linear(x, W, b); y.addmm_(x Aᵀ, Bᵀ)``, autograd's own
-backward), which the compiler traces. Every product accumulates in float32; h and gB are rounded to
-the activation dtype, as the unfused ops store them.
+training step on an H100, so it is off. On the ``reference`` backend, and under ``torch.compile`` where
+autograd records or more than ``COMPILED_FUSED_ROWS`` rows come, the layer is the same maths in PyTorch
+ops (``y = F.linear(x, W, b); y.addmm_(x Aᵀ, Bᵀ)``, autograd's own backward), which the compiler traces:
+for those shapes Inductor's cuBLAS GEMMs plus the two small LoRA GEMMs measured faster than Kernel D.
+Compiled inference on at most ``COMPILED_FUSED_ROWS`` rows (decoding) calls Kernel D through the custom
+op ``unilora_hf::frozen_linear_lora_inference`` (a fake implementation gives its shape): one kernel per
+layer instead of three, the same bits as the eager layer, and a CUDA graph captures it. Every product
+accumulates in float32; h and gB are rounded to the activation dtype, as the unfused ops store them.
 
 ``add_lora(result, x, A, B)`` is the general path (any base layer, dropout on the LoRA input):
 ``result + (x Aᵀ) Bᵀ`` as one GEMM into a new tensor. ``reference.lora_forward`` is the oracle of both.
@@ -98,14 +102,45 @@ class _FusedFrozenLinearLora(torch.autograd.Function):
         return dx, None, None, dA, dB, None
 
 
+COMPILED_FUSED_ROWS = 64  # linear_kernels' small-tile regime (decoding)
+
+
+@torch.library.custom_op("unilora_hf::frozen_linear_lora_inference", mutates_args=())
+def _inference_op(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor,
+                  B: torch.Tensor) -> torch.Tensor:
+    """Kernel D's ``x Wᵀ + b + round(x Aᵀ) Bᵀ`` (M×N) for compiled inference; x2: M×K. Not differentiable."""
+    kernels = fused_kernels(x2.device)
+    if kernels is None:  # the backend changed since tracing: the same maths in PyTorch ops
+        return F.linear(x2, weight, bias).addmm_(x2 @ A.t(), B.t())
+    return kernels.forward(x2.contiguous(), weight.contiguous(), bias, A.contiguous(), B.contiguous(), keep_h=False)[0]
+
+
+@_inference_op.register_fake
+def _(x2, weight, bias, A, B):
+    return x2.new_empty((x2.shape[0], weight.shape[0]))
+
+
+def _compiled_inference_fused(x2: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> bool:
+    """While tracing: whether this call takes the custom op (no autograd, at most COMPILED_FUSED_ROWS rows, the
+    triton backend for the device)."""
+    return (x2.shape[0] <= COMPILED_FUSED_ROWS
+            and not (torch.is_grad_enabled() and (x2.requires_grad or A.requires_grad or B.requires_grad))
+            and dispatch.resolve_backend(x2.device) == "triton")
+
+
 def frozen_linear_lora(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor, B: torch.Tensor
 ) -> torch.Tensor:
     """``x Wᵀ + b + (x Aᵀ) Bᵀ`` for a frozen ``nn.Linear`` (W: out×in); x, W, A, B of one dtype.
-    Differentiable in x, A and B."""
+    Differentiable in x, A and B (except on the compiled inference path, where autograd does not record)."""
     x2 = _flat(x)
     kernels = None
-    if x.dtype in _FUSED_DTYPES and A.shape[0] <= _FUSED_MAX_RANK and x2.shape[0] and not torch.compiler.is_compiling():
+    fusable = x.dtype in _FUSED_DTYPES and A.shape[0] <= _FUSED_MAX_RANK and x2.shape[0]
+    if fusable and torch.compiler.is_compiling():
+        if _compiled_inference_fused(x2, A, B):
+            y = torch.ops.unilora_hf.frozen_linear_lora_inference(x2, weight, bias, A, B)
+            return y.view(*x.shape[:-1], y.shape[-1])
+    elif fusable:
         kernels = fused_kernels(x.device)
     if kernels is not None:
         if torch.is_grad_enabled() and (x.requires_grad or A.requires_grad or B.requires_grad):
