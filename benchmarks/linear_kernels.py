@@ -26,6 +26,12 @@ LoRA pieces (``h = x Aᵀ``, ``y += h Bᵀ``, Kernel D, ``gB = g B``, ``dx += gB
 r = 16, d = 2^19, with the permutation in uint32 (what runs for D < 2^32) and in int64 (the wide form).
 
     PYTHONPATH=. python benchmarks/linear_kernels.py --projection --out $OUT/projection_kernels.json
+
+``--decode``: pure GPU time (CUDA graphs) of one decoding row (M = 1) per projection shape: the base GEMV, the
+LoRA path in PyTorch ops (what a compiled graph runs unfused), and Kernel D forward with each small tile of
+``DECODE_TILES``; the line "layer" sums the 7 projections of one layer.
+
+    PYTHONPATH=. python benchmarks/linear_kernels.py --decode --out $OUT/decode_kernels.json
 """
 
 from __future__ import annotations
@@ -44,6 +50,8 @@ SHAPES = {"q/o": (4096, 2048, 2048), "k/v": (4096, 256, 2048), "gate/up": (4096,
           "down": (4096, 2048, 5632), "decode q": (1, 2048, 2048), "decode down": (1, 2048, 5632)}
 LARGE_TILES = [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (128, 64, 64, 4, 4),
                (64, 128, 64, 4, 4), (128, 128, 32, 4, 4)]
+DECODE_TILES = [(16, 16, 256, 2, 3), (16, 16, 512, 4, 3), (16, 32, 256, 4, 3), (16, 32, 128, 2, 4),
+                (16, 64, 128, 4, 3), (16, 64, 256, 4, 3), (16, 128, 64, 4, 4), (16, 16, 128, 1, 4)]
 SMALL_TILES = [(16, 64, 128, 4, 3), (16, 128, 64, 4, 4), (16, 32, 256, 4, 3), (16, 64, 64, 2, 4)]
 
 
@@ -140,6 +148,39 @@ def pieces(lk, r: int, reps: int) -> dict:
     return out
 
 
+def decode(lk, r: int, reps: int) -> dict:
+    dev, dt = torch.device("cuda"), torch.bfloat16
+    layer = {"q": (2048, 2048), "k": (256, 2048), "v": (256, 2048), "o": (2048, 2048), "gate": (5632, 2048),
+             "up": (5632, 2048), "down": (2048, 5632)}
+    saved = lk._SMALL
+    out = {}
+    try:
+        for name, (N, K) in layer.items():
+            torch.manual_seed(0)
+            x = torch.randn(1, K, device=dev, dtype=dt)
+            W = torch.randn(N, K, device=dev, dtype=dt) * K**-0.5
+            A = (torch.randn(r, K, device=dev) * 0.01).to(dt)
+            B = (torch.randn(N, r, device=dev) * 0.01).to(dt)
+            rows = {"base": graph_us(lambda: F.linear(x, W), reps),
+                    "pytorch_ops": graph_us(lambda: F.linear(x, W).addmm_(x @ A.t(), B.t()), reps)}
+            for tiles in DECODE_TILES:
+                lk._SMALL = tiles
+                lk._FORWARD_PLANS.clear()
+                try:
+                    rows[str(tiles)] = graph_us(lambda: lk.forward(x, W, None, A, B, False), reps)
+                except Exception as exc:  # a tile that does not fit is reported, not fatal
+                    rows[str(tiles)] = repr(exc)[:120]
+            out[name] = rows
+    finally:
+        lk._SMALL = saved
+        lk._FORWARD_PLANS.clear()
+    keys = [k for k in out["q"] if all(isinstance(out[n][k], float) for n in out)]
+    out["layer"] = {k: sum(out[n][k] for n in layer) for k in keys}
+    for name, rows in out.items():
+        print(name, {k: (round(v, 1) if isinstance(v, float) else v) for k, v in rows.items()})
+    return out
+
+
 def launch_breakdown(lk, dev, n: int = 2000) -> dict:
     """Host µs per call for a 16×16 problem: where a Kernel D launch spends its time."""
     import triton
@@ -200,12 +241,17 @@ def main(argv=None) -> dict:
     p.add_argument("--launch-only", action="store_true", help="only the launch-cost breakdown")
     p.add_argument("--pieces", action="store_true", help="only the GPU time of each GEMM piece (CUDA graphs)")
     p.add_argument("--projection", action="store_true", help="only Kernels A and B, uint32 against int64")
+    p.add_argument("--decode", action="store_true", help="only M = 1: base, PyTorch ops and Kernel D tiles")
     a = p.parse_args(argv)
     from unilora_hf.kernels import linear_kernels, lora_linear
 
     lk = linear_kernels.for_device("cuda")
     dev, dt = torch.device("cuda"), torch.bfloat16
     record = {"benchmark": "linear_kernels", "environment": common.environment(dev), "r": a.r, "shapes": {}}
+    if a.decode:
+        record["decode"] = decode(lk, a.r, a.reps)
+        common.write_json(a.out, record)
+        return record
     if a.projection:
         record["projection"] = projection(a.reps)
         common.write_json(a.out, record)
