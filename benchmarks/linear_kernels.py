@@ -152,7 +152,7 @@ def decode(lk, r: int, reps: int) -> dict:
     dev, dt = torch.device("cuda"), torch.bfloat16
     layer = {"q": (2048, 2048), "k": (256, 2048), "v": (256, 2048), "o": (2048, 2048), "gate": (5632, 2048),
              "up": (5632, 2048), "down": (2048, 5632)}
-    saved = lk._SMALL
+    saved = lk._DECODE, lk._DECODE_WIDE
     out = {}
     try:
         for name, (N, K) in layer.items():
@@ -164,7 +164,7 @@ def decode(lk, r: int, reps: int) -> dict:
             rows = {"base": graph_us(lambda: F.linear(x, W), reps),
                     "pytorch_ops": graph_us(lambda: F.linear(x, W).addmm_(x @ A.t(), B.t()), reps)}
             for tiles in DECODE_TILES:
-                lk._SMALL = tiles
+                lk._DECODE = lk._DECODE_WIDE = tiles
                 lk._FORWARD_PLANS.clear()
                 try:
                     rows[str(tiles)] = graph_us(lambda: lk.forward(x, W, None, A, B, False), reps)
@@ -172,7 +172,7 @@ def decode(lk, r: int, reps: int) -> dict:
                     rows[str(tiles)] = repr(exc)[:120]
             out[name] = rows
     finally:
-        lk._SMALL = saved
+        lk._DECODE, lk._DECODE_WIDE = saved
         lk._FORWARD_PLANS.clear()
     keys = [k for k in out["q"] if all(isinstance(out[n][k], float) for n in out)]
     out["layer"] = {k: sum(out[n][k] for n in layer) for k in keys}
@@ -265,7 +265,7 @@ def main(argv=None) -> dict:
     if a.launch_only:
         common.write_json(a.out, record)
         return record
-    defaults = (lk._SMALL, lk._LARGE)
+    defaults = (lk._SMALL, lk._LARGE, lk._DECODE, lk._DECODE_WIDE)
     for name, (M, N, K) in SHAPES.items():
         torch.manual_seed(0)
         x = torch.randn(M, K, device=dev, dtype=dt, requires_grad=True)
@@ -297,7 +297,7 @@ def main(argv=None) -> dict:
         want = torch.autograd.grad(y_ops, (x, A, B), g, retain_graph=True)
         for tiles in (SMALL_TILES if M <= 64 else LARGE_TILES):
             if M <= 64:
-                lk._SMALL = tiles
+                lk._SMALL = lk._DECODE = lk._DECODE_WIDE = tiles
             else:
                 lk._LARGE = tiles
             lk._FORWARD_PLANS.clear()
@@ -317,7 +317,7 @@ def main(argv=None) -> dict:
                                                                (x, A, B), g), a.reps),
                 "max_rel_err_vs_ops": err,
             }
-        lk._SMALL, lk._LARGE = defaults
+        lk._SMALL, lk._LARGE, lk._DECODE, lk._DECODE_WIDE = defaults
         lk._FORWARD_PLANS.clear()
         lk._DGRAD_PLANS.clear()
         record["shapes"][name] = {"M": M, "N": N, "K": K, "rows": rows}

@@ -162,15 +162,23 @@ _DGRAD = triton_modes.FastLauncher(_dgrad_kernel)
 
 # (BM, BN, BK, num_warps, num_stages) by output rows: the best of benchmarks/linear_kernels.py on an H100.
 # Changing them needs _FORWARD_PLANS / _DGRAD_PLANS cleared (the plans remember the tiles).
+# Decoding (≤ 16 rows) is a GEMV bound by the bytes of W: narrow column tiles give enough programs to fill the
+# GPU (benchmarks/linear_kernels.py --decode, H200: 56 µs per 1.1B layer against 213 µs with _SMALL).
 _LARGE = (128, 128, 64, 8, 3)
 _SMALL = (16, 128, 64, 4, 4)
+_DECODE = (16, 16, 256, 2, 3)
+_DECODE_WIDE = (16, 16, 128, 1, 4)  # more outputs than inputs (gate/up)
 _INTERPRETED = (16, 16, 16, 1, 1)
 
 
-def _tiles(rows: int, dtype: torch.dtype, R: int) -> tuple[int, int, int, int, int]:
+def _tiles(rows: int, dtype: torch.dtype, R: int, N: int | None = None, K: int = 0) -> tuple[int, int, int, int, int]:
+    """Kernel D's tile for M = rows (N, K given: the forward, with decoding tiles) or Kernel E's (N None)."""
     if interpreted():
         return _INTERPRETED
-    bm, bn, bk, warps, stages = _SMALL if rows <= 64 else _LARGE
+    if rows <= 16 and N is not None:
+        bm, bn, bk, warps, stages = _DECODE_WIDE if N > K else _DECODE
+    else:
+        bm, bn, bk, warps, stages = _SMALL if rows <= 64 else _LARGE
     if dtype == torch.float32 or R > 32:  # wider operands: fewer pipeline stages fit in shared memory
         stages = 2
     return bm, bn, bk, warps, stages
@@ -234,7 +242,7 @@ def forward(
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     h = torch.empty((M, r), dtype=x.dtype, device=x.device) if keep_h else y
     bias_arg = weight if bias is None else bias
-    bm, bn, bk, warps, stages = _tiles(M, x.dtype, R)
+    bm, bn, bk, warps, stages = _tiles(M, x.dtype, R, N, K)
     grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
     args = (
         x, weight, bias_arg, A, B, y, h, M, N, K, r,
