@@ -176,8 +176,9 @@ def test_model_theta_gradient_on_the_fused_path_matches_the_reference_backend(ke
 class TestCuda:
     """Compiled Kernels D/E with the GPU tiles (large and small M), per dtype."""
 
+    # M ≤ 16 takes the decoding tiles: N < K and N = K (_DECODE), N > K (_DECODE_WIDE)
     GPU_SHAPES = [(4096, 2048, 2048, 16), (1000, 5632, 2048, 16), (4096, 256, 2048, 8), (7, 2048, 5632, 16),
-                  (1, 2048, 2048, 1), (333, 999, 777, 33)]
+                  (1, 2048, 2048, 1), (3, 5632, 2048, 16), (333, 999, 777, 33)]
 
     @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
     @pytest.mark.parametrize("M,N,K,r", GPU_SHAPES)
