@@ -59,7 +59,6 @@ def _triton_mode(request):
         yield
 
 
-
 @pytest.fixture(scope="session")
 def hub_server():
     """A LocalHubServer for the whole session: ``hf_test_token`` is alice, ``hf_other_token`` is bob."""

@@ -124,7 +124,7 @@ def test_compiled_forward_with_static_cache_generates_the_eager_tokens():
     assert not torch.equal(eager, base_tokens)  # the adapter changes what is generated
 
 
-def _fused_op_calls(model, ids, training: bool) -> tuple[int, torch.Tensor, torch.Tensor]:
+def _fused_op_calls(model, ids, training: bool, dynamic: bool | None = None) -> tuple[int, torch.Tensor, torch.Tensor]:
     """(custom-op calls in the traced graph, compiled logits, eager logits) with the triton backend forced (CPU:
     Triton's interpreter)."""
     from unilora_hf.kernels import force_backend
@@ -139,7 +139,7 @@ def _fused_op_calls(model, ids, training: bool) -> tuple[int, torch.Tensor, torc
     model.train(training)
     with interpreter_switch(True), force_backend("triton"), torch.set_grad_enabled(training):
         want = model(input_ids=ids).logits
-        got = torch.compile(model, backend=capture)(input_ids=ids).logits
+        got = torch.compile(model, backend=capture, dynamic=dynamic)(input_ids=ids).logits
     calls = sum("frozen_linear_lora_inference" in str(node.target) for gm in graphs for node in gm.graph.nodes)
     return calls, got, want
 
@@ -156,6 +156,16 @@ def test_compiled_decoding_runs_kernel_d_as_one_op_per_layer():
     calls, got, want = _fused_op_calls(model, tokens(model, 1, 3), training=True)
     assert calls == 0
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_decoding_with_dynamic_shapes_takes_the_op():
+    """Traced with symbolic row counts (``dynamic=True``), few-row inference still calls the op once per layer."""
+    model = adapted(2)
+    for n in (3, 5):
+        dynamo.reset()
+        calls, got, want = _fused_op_calls(model, tokens(model, 1, n), training=False, dynamic=True)
+        assert calls == 14
+        assert torch.equal(got, want)
 
 
 def test_inductor_decoding_with_kernel_d_matches_eager():

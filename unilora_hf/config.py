@@ -52,11 +52,11 @@ DEFAULT_TARGETS: dict[str, list[str] | str] = {
     "rwkv7": ["r_proj", "k_proj", "v_proj", "o_proj", "key", "value"],
 }
 # Where PEFT has no default the error suggests the paper's choice (attention query and value).
+SUGGESTED_TARGETS = {"vit": ["q_proj", "v_proj"], "whisper": ["q_proj", "v_proj"], "phi3": ["qkv_proj"]}
 # Adapters resident on one base (named adapters, mixed batches) must agree on these config keys (and on D and the
 # layout fingerprint): they may differ in θ_d and in the values of their heads only.
 SHARED_BY_RESIDENT_ADAPTERS = ("projection", "proj_seed", "theta_d_length", "r", "target_modules", "layers_to_transform",
                                "layers_pattern", "modules_to_save", "bias", "task_type")
-SUGGESTED_TARGETS = {"vit": ["q_proj", "v_proj"], "whisper": ["q_proj", "v_proj"], "phi3": ["qkv_proj"]}
 
 
 def _bad(name: str, value: Any, allowed: str) -> InvalidConfigError:

@@ -23,7 +23,7 @@ from typing import Callable, Iterator
 import torch
 import torch.nn as nn
 
-from .config import UniLoraConfig
+from .config import SHARED_BY_RESIDENT_ADAPTERS, UniLoraConfig
 from .errors import AdapterIntegrityError, AdapterStateError, InvalidArgumentError, InvalidConfigError
 from .layer import ModulesToSave, UniLoraLinear, logical_name
 from .layout import LayerSpec, check_sizes, compact, effective_heads, fingerprint, build_layout, resolve_targets
@@ -591,8 +591,6 @@ class UniLoraAdapter:
             raise AdapterStateError(f"an adapter named {name!r} is already loaded; delete_adapter({name!r}) first or "
                                     "pick another name")
         mine, theirs = self.config.to_dict(), config.to_dict()
-        from .config import SHARED_BY_RESIDENT_ADAPTERS
-
         differs = [k for k in SHARED_BY_RESIDENT_ADAPTERS if mine[k] != theirs[k]]
         if differs:
             shown = ", ".join(f"{k} {theirs[k]!r} (resident: {mine[k]!r})" for k in differs)
