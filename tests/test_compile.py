@@ -107,6 +107,74 @@ def test_compiled_inference_reads_the_current_theta():
     assert dict(counters.get("recompiles", {})) == {}
 
 
+def test_compiled_inference_after_an_eager_pass_keeps_theta_D():
+    """After an eager inference pass (which creates the kept θ_D), compiled inference calls the refresh op once per
+    pass, with no graph break: unchanged θ_d → no readout, an in-place change → one readout and the new logits."""
+    from unilora_hf.kernels import dispatch
+    from unilora_hf.kernels import readout_cache as rc
+
+    model, reference = adapted().eval(), adapted().eval()
+    ids = tokens(model, 2, 6)
+    graphs, calls = [], []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    original = rc._readout_native
+    rc._readout_native = lambda *a: calls.append(1) or dispatch._readout_native(*a)
+    try:
+        with torch.no_grad():
+            model(input_ids=ids)
+            explained = dynamo.explain(model)(input_ids=ids)
+            assert explained.break_reasons == [] and explained.graph_count == 1
+            dynamo.reset()
+            torch.compile(model, backend=capture)(input_ids=ids)
+            assert sum("refresh_theta_D" in str(n.target) for gm in graphs for n in gm.graph.nodes) == 1
+            dynamo.reset()
+            compiled = torch.compile(model)
+            calls.clear()
+            first = compiled(input_ids=ids).logits
+            dynamo.config.error_on_recompile = True
+            compiled(input_ids=ids)
+            assert calls == []
+            torch.testing.assert_close(first, reference(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+            for m in (model, reference):
+                get_adapter(m).theta_d.mul_(-1.5)
+            calls.clear()
+            second = compiled(input_ids=ids).logits
+            assert len(calls) == 1
+            torch.testing.assert_close(second, reference(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+            assert (second - first).abs().max() > 1e-3
+    finally:
+        rc._readout_native = original
+    assert dict(counters.get("recompiles", {})) == {}
+
+
+def test_compiled_inference_returns_no_adapter_tensors():
+    """``model.forward`` compiled (the root's hooks stay outside the graph, as in ``generate``'s compiled step): the
+    graph's outputs do not grow with the layers. A tensor of a layer left in Python state would be an extra output,
+    rebuilt view by view on the host at every call."""
+    outputs = {}
+    for layers in (2, 4):
+        dynamo.reset()
+        model, graphs = adapted(layers).eval(), []
+
+        def capture(gm, example_inputs):
+            graphs.append(gm)
+            return gm.forward
+
+        ids = tokens(model, 1, 5)
+        with torch.no_grad():
+            model.forward = torch.compile(model.forward, backend=capture)  # compiled before any eager pass
+            got = model(input_ids=ids, use_cache=False).logits
+            assert torch.equal(got, adapted(layers).eval()(input_ids=ids, use_cache=False).logits)
+        outputs[layers] = [len(gm.graph.output_node().args[0]) for gm in graphs]
+        # the root's eager pre-hook allocated the kept θ_D, so the graph refreshes it (one op) instead of reading out
+        assert [sum("refresh_theta_D" in str(n.target) for n in gm.graph.nodes) for gm in graphs] == [1]
+    assert outputs[2] == outputs[4] == [1], outputs
+
+
 def test_compiled_forward_with_static_cache_generates_the_eager_tokens():
     model = adapted().eval()
     with torch.no_grad():
@@ -228,6 +296,22 @@ class TestCuda:
                         get_adapter(m).theta_d.mul_(-2.0)
                 got = compiled(input_ids=ids).logits.clone()
                 torch.testing.assert_close(got, reference(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+
+    def test_reduce_overhead_replays_keep_theta_D_and_see_changes(self):
+        """Eager pass first (the kept θ_D), then CUDA-graph replays: no cudagraph skip, logits of the live θ_d."""
+        model = adapted(2).cuda().eval()
+        reference = adapted(2).cuda().eval()
+        ids = tokens(model, 2, 8).cuda()
+        with torch.no_grad():
+            model(input_ids=ids)
+            compiled = torch.compile(model, mode="reduce-overhead")
+            for step in range(6):  # warm-up, record, replays; θ_d changes before replays 3 and 5
+                if step in (3, 5):
+                    for m in (model, reference):
+                        get_adapter(m).theta_d.mul_(-2.0)
+                got = compiled(input_ids=ids).logits.clone()
+                torch.testing.assert_close(got, reference(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+        assert counters["inductor"]["cudagraph_skips"] == 0  # a mutated input that is not static would skip
 
     def test_static_cache_compiled_generate_on_cuda(self):
         model = adapted(2).cuda().eval()

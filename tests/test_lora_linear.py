@@ -111,19 +111,20 @@ def test_conv1d_and_dropout_take_the_general_path():
     torch.testing.assert_close(fast, slow)
 
 
-def test_no_grad_passes_read_theta_out_again_into_the_same_buffer_and_see_every_change():
-    """Inference reads θ_D out at every pass into one kept buffer: any change of θ_d is seen by the next pass,
-    through autograd-visible ops or not (``.data``, ``load_state_dict``), and nothing is reallocated."""
+def test_no_grad_passes_keep_one_theta_D_buffer_and_see_every_change():
+    """Inference keeps θ_D in one buffer (refreshed when θ_d's bits change): any change of θ_d is seen by the next
+    pass, through autograd-visible ops or not (``.data``, ``load_state_dict``), and nothing is reallocated."""
     model = tiny_llama()
     adapter = inject_adapter(model, UniLoraConfig(r=2, theta_d_length=40, target_modules=["q_proj", "v_proj"]))
     ids = tokens(model)
     fresh = lambda: readout_free_output(model, adapter, ids)  # noqa: E731
     with torch.no_grad():
         first = model(input_ids=ids).logits
-        (buffer, views), = adapter._static.values()
+        cache, = adapter._static.values()
+        buffer = cache.theta_D
         again = model(input_ids=ids).logits
         assert torch.equal(first, again)
-        assert adapter._static[next(iter(adapter._static))][0] is buffer  # the same buffer, read out again
+        assert adapter._static[next(iter(adapter._static))].theta_D is buffer  # the same buffer
         for change in (
             lambda t: t.mul_(2.0),
             lambda t: t.data.copy_(torch.randn(40)),  # bypasses the version counter
@@ -164,7 +165,7 @@ def test_bf16_forward_rounds_A_B_once_and_stays_close_to_float32():
         low = model(input_ids=ids).logits
         _, layer = next(adapter.wrapped_layers())
         A32, B32 = layer.lora_matrices()
-        A16, B16 = adapter._static[(A32.device, torch.bfloat16)][1][0]
+        A16, B16 = adapter._static[(A32.device, torch.bfloat16)].views[0]
     assert low.dtype == torch.bfloat16
     assert torch.equal(A16, A32.to(torch.bfloat16)) and torch.equal(B16, B32.to(torch.bfloat16))
     rel = (low.float() - ref).norm() / ref.norm()

@@ -222,8 +222,8 @@ class UniLoraAdapter:
         self._training_pass = False
         self._theta_D: torch.Tensor | None = None
         self._views: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-        self._static: dict[tuple, tuple[torch.Tensor, list]] = {}
-        self._filled: set[tuple] = set()
+        self._refreshed: dict[tuple, bool] = {}  # the kept θ_D refreshed in this (compiled) pass, per key
+        self._static: dict[tuple, "ReadoutCache"] = {}  # inference θ_D per (device, dtype)
         # Several adapters of one projection (`add`, `set_adapter`, `mixed_batch`): the active one lives in the
         # model (θ_d parameter, heads, biases); the others are kept here, θ_d (d values) and their tensors each.
         self.active_adapter = DEFAULT_NAME
@@ -236,42 +236,53 @@ class UniLoraAdapter:
     # once (one kernel on CUDA), in the activation dtype, split into every layer's (A, B) views; the
     # post-hook closes the pass. With autograd recording a differentiable θ_d, θ_D is a fresh tensor of
     # the pass (the θ_D gradient flows back through one split and one Pᵀ g), and nothing of size D is
-    # kept after it. Otherwise (inference) θ_D is read out again at every pass into a buffer kept per
-    # (device, dtype), so any change of θ_d, in place or through .data, is seen by the next pass, and a
-    # captured CUDA graph replays the readout too. Layers called outside a root pass, or re-run by
+    # kept after it. Otherwise (inference) θ_D lives in a ReadoutCache per (device, dtype), refreshed at
+    # every pass: read out again only when θ_d's bits differ from a snapshot (compared on the device), so
+    # any change of θ_d, in place or through .data, is seen by the next pass, and a captured CUDA graph
+    # replays the comparison (kernels.readout_cache). Layers called outside a root pass, or re-run by
     # activation checkpointing inside backward, read their own slice instead.
     def _open_pass(self, module, args):
         if self._forward_depth == 0:
             self._training_pass = torch.is_grad_enabled() and self.theta_d.requires_grad
             self._theta_D = None
             self._views = {}
-            self._filled = set()
+            self._refreshed = {}
             if self._training_pass:
                 self._static = {}
         self._forward_depth += 1
-        if self._forward_depth == 1 and self._training_pass and self.enabled:
-            # Read out now, outside any activation-checkpointed block, in the dtype the layers will ask for.
+        if self._forward_depth == 1 and self.enabled:
             layer = self._first_adapted_layer()
-            if layer is not None and not layer.merged:
-                weight = layer.base_layer.weight
-                if torch.is_autocast_enabled(weight.device.type):
-                    self.lora_pair(layer.spec, weight.device, torch.get_autocast_dtype(weight.device.type))
-                elif weight.is_floating_point():  # a quantized base reads out lazily, in its compute dtype
-                    self.lora_pair(layer.spec, weight.device, weight.dtype)
+            if layer is None or layer.merged:
+                return
+            weight = layer.base_layer.weight
+            device = weight.device
+            if torch.is_autocast_enabled(device.type):  # the dtype the layers will ask for
+                dtype = torch.get_autocast_dtype(device.type)
+            elif weight.is_floating_point():
+                dtype = weight.dtype
+            else:  # a quantized base reads out lazily, in its compute dtype
+                return
+            if self._training_pass:  # read out now, outside any activation-checkpointed block
+                self.lora_pair(layer.spec, device, dtype)
+            elif not torch.compiler.is_compiling() and (device, dtype) not in self._static:
+                # allocated here, so that a compiled forward whose root hooks run outside it finds the kept θ_D
+                from .kernels.readout_cache import ReadoutCache
+
+                self._static[device, dtype] = ReadoutCache(self.projection, self.theta_d, device, dtype)
 
     def _close_pass(self, module, args, output):
         self._forward_depth = max(0, self._forward_depth - 1)
         if self._forward_depth == 0:
             self._theta_D = None
             self._views = {}
-            self._filled = set()
+            self._refreshed = {}
 
     def _drop_pass_cache(self) -> None:
         """Forget every readout (and free the inference buffers)."""
         self._theta_D = None
         self._views = {}
+        self._refreshed = {}
         self._static = {}
-        self._filled = set()
 
     def _find_layers(self) -> None:
         """Found once after injection, not lazily in the first pass: a compiled pass guards on these."""
@@ -311,28 +322,45 @@ class UniLoraAdapter:
         key = (device, dtype)
         theta = self.theta_d
         differentiable = torch.is_grad_enabled() and theta.requires_grad
-        # Compiled, inference too reads out inside the graph (a custom op with a fake implementation): no
-        # Python-side buffer state to guard on, and a captured CUDA graph replays the readout of the live θ_d.
-        if differentiable or torch.compiler.is_compiling():
+        if differentiable:
             views = self._views.get(key)
             if views is None:
                 if self._theta_D is None:
                     from .kernels import project_theta
 
-                    self._theta_D = project_theta(theta if differentiable else theta.detach(), self.projection)
+                    self._theta_D = project_theta(theta, self.projection)
                 views = self._views[key] = self._split(self._theta_D.to(device=device, dtype=dtype))
             return views[self._slot[spec.offset]]
-        entry = self._static.get(key)
-        if entry is None:
-            buffer = torch.empty(self.D, device=device, dtype=dtype)
-            entry = self._static[key] = (buffer, self._split(buffer))
-        if key not in self._filled:
-            from .kernels import readout
+        # Inference: θ_D kept per (device, dtype) in a ReadoutCache, refreshed once per pass (read out again
+        # only if θ_d's bits changed). A cache is created outside compilation only (the first eager pass).
+        cache = self._static.get(key)
+        if torch.compiler.is_compiling():
+            if cache is None:  # compiled before any eager pass: the graph reads out
+                views = self._views.get(key)
+                if views is None:
+                    from .kernels import project_theta
 
-            with torch.no_grad():
-                entry[0].copy_(readout(theta.detach(), self.projection))
-            self._filled.add(key)
-        return entry[1][self._slot[spec.offset]]
+                    flat = project_theta(theta.detach(), self.projection).to(device=device, dtype=dtype)
+                    views = self._views[key] = self._split(flat)
+                return views[self._slot[spec.offset]]
+            # One refresh op per pass; each layer views its slice of the static buffer. Nothing but a flag is
+            # kept in Python state: tensors stored there would leave the graph as outputs, which AOT autograd
+            # rebuilds (view by view) on every call when they alias an input.
+            if key not in self._refreshed:
+                cache.refresh(theta)
+                self._refreshed[key] = True
+            return spec.lora_views(cache.theta_D[spec.offset : spec.offset + spec.size])
+        views = self._views.get(key)
+        if views is None:
+            if cache is None:
+                from .kernels.readout_cache import ReadoutCache
+
+                cache = self._static[key] = ReadoutCache(self.projection, theta, device, dtype)
+            cache.refresh(theta)
+            if cache.views is None:  # split once: the buffer is refreshed in place
+                cache.views = self._split(cache.theta_D)
+            views = self._views[key] = cache.views
+        return views[self._slot[spec.offset]]
 
     def _theta_D_now(self) -> torch.Tensor:
         """θ_D in float32, not differentiable (for merging)."""

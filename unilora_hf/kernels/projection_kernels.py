@@ -12,6 +12,12 @@ Kernel A, readout: ``out[t] = θ_d[idx(start + t)] · s(idx(start + t))`` for ``
     same one the reference forms, so the readout is bit-identical to
     ``θ_d[idx] * projection.scales_of(idx)``.
 
+Kernel A writes ``out``'s dtype: the float32 product rounded once to nearest even (bfloat16 by hand in
+    ``_rounded``, since the interpreter truncates), the bits of ``readout(...).to(dtype)``. Gated (``GATED``),
+    every program first reads an int32 flag and does nothing when it is 0: with ``_compare_snapshot_kernel``
+    (flag ← any bit of θ_d differs from a snapshot; snapshot ← θ_d) it keeps θ_D between inference passes
+    without a host synchronisation (``refresh``, ``readout_cache``).
+
 Kernel B, gradient: ``(Pᵀ g)[j] = s(j) · Σ_{m < n_j} g[row_m(j)]`` with float32 accumulation, for g
     float32 or bfloat16 of length D. Columns are processed as a gather-reduce: native rows are
     ``row_m(j) = π⁻¹(j + m·d)`` evaluated in the kernel (inverse Feistel, cycle-walk); peft rows are read
@@ -162,8 +168,21 @@ def _permute_kernel(
     tl.store(out_ptr + lane, y, mask=live)
 
 
-@triton.jit(do_not_specialize=_SCALARS)
-def _readout_native_kernel(
+@triton.jit
+def _rounded(x, out_ptr):
+    """float32 x in ``out_ptr``'s dtype, rounded to nearest even as ``Tensor.to`` rounds. bfloat16 by hand
+    (the interpreter truncates): add 0x7FFF plus the kept lowest bit, keep the high half; NaN → 0x7FC0."""
+    if out_ptr.dtype.element_ty == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        high = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        high = tl.where(x != x, 0x7FC0, high)
+        return high.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(out_ptr.dtype.element_ty)
+
+
+@triton.jit
+def _readout_native_body(
     theta_ptr, out_ptr, idx_ptr, start, count, D, d, rem, big, small, k0, k1, k2, k3, h, mh,
     WRITE_OUT: tl.constexpr, WRITE_IDX: tl.constexpr, NARROW: tl.constexpr, BLOCK: tl.constexpr,
 ):
@@ -180,17 +199,55 @@ def _readout_native_kernel(
     if WRITE_OUT:
         scale = tl.where(col < rem, big, small)
         value = tl.load(theta_ptr + col, mask=live, other=0.0)
-        tl.store(out_ptr + lane, value * scale, mask=live)
+        tl.store(out_ptr + lane, _rounded(value * scale, out_ptr), mask=live)
 
 
 @triton.jit(do_not_specialize=_SCALARS)
-def _readout_peft_kernel(theta_ptr, table_ptr, scales_ptr, out_ptr, start, count, BLOCK: tl.constexpr):
+def _readout_native_kernel(
+    theta_ptr, out_ptr, idx_ptr, dirty_ptr, start, count, D, d, rem, big, small, k0, k1, k2, k3, h, mh,
+    WRITE_OUT: tl.constexpr, WRITE_IDX: tl.constexpr, GATED: tl.constexpr, NARROW: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    if GATED:
+        if tl.load(dirty_ptr) != 0:
+            _readout_native_body(theta_ptr, out_ptr, idx_ptr, start, count, D, d, rem, big, small, k0, k1, k2, k3,
+                                 h, mh, WRITE_OUT, WRITE_IDX, NARROW, BLOCK)
+    else:
+        _readout_native_body(theta_ptr, out_ptr, idx_ptr, start, count, D, d, rem, big, small, k0, k1, k2, k3,
+                             h, mh, WRITE_OUT, WRITE_IDX, NARROW, BLOCK)
+
+
+@triton.jit
+def _readout_peft_body(theta_ptr, table_ptr, scales_ptr, out_ptr, start, count, BLOCK: tl.constexpr):
     lane = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     live = lane < count
     col = tl.load(table_ptr + start + lane, mask=live, other=0).to(tl.int64)
     value = tl.load(theta_ptr + col, mask=live, other=0.0)
     scale = tl.load(scales_ptr + col, mask=live, other=0.0)
-    tl.store(out_ptr + lane, value * scale, mask=live)
+    tl.store(out_ptr + lane, _rounded(value * scale, out_ptr), mask=live)
+
+
+@triton.jit(do_not_specialize=_SCALARS)
+def _readout_peft_kernel(theta_ptr, table_ptr, scales_ptr, out_ptr, dirty_ptr, start, count, GATED: tl.constexpr,
+                         BLOCK: tl.constexpr):
+    if GATED:
+        if tl.load(dirty_ptr) != 0:
+            _readout_peft_body(theta_ptr, table_ptr, scales_ptr, out_ptr, start, count, BLOCK)
+    else:
+        _readout_peft_body(theta_ptr, table_ptr, scales_ptr, out_ptr, start, count, BLOCK)
+
+
+@triton.jit(do_not_specialize=["n"])
+def _compare_snapshot_kernel(theta_ptr, snapshot_ptr, dirty_ptr, n, BLOCK: tl.constexpr):
+    """dirty ← max(dirty, [any bit of θ_d in this block differs from the snapshot]); snapshot ← θ_d.
+    θ_d and the snapshot are read as int32 words: a bitwise comparison (−0.0 ≠ 0.0; NaN = the same NaN)."""
+    lane = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    live = lane < n
+    now = tl.load(theta_ptr + lane, mask=live, other=0)
+    before = tl.load(snapshot_ptr + lane, mask=live, other=0)
+    changed = tl.reduce((now != before).to(tl.int32), 0, _max)
+    tl.store(snapshot_ptr + lane, now, mask=live)
+    tl.atomic_max(dirty_ptr, changed)
 
 
 @triton.jit
@@ -361,8 +418,8 @@ def native_indices(seed: int, D: int, d: int, start: int, count: int, device: to
         q, rem, big, small = _native_scales(D, d)
         with _on_device(out.device):
             _readout_native_kernel[(triton.cdiv(count, READOUT_BLOCK),)](
-                out, out, out, start, count, D, d, rem, big, small, *_native_args(seed, D),
-                WRITE_OUT=False, WRITE_IDX=True, NARROW=narrow(D), BLOCK=READOUT_BLOCK,
+                out, out, out, out, start, count, D, d, rem, big, small, *_native_args(seed, D),
+                WRITE_OUT=False, WRITE_IDX=True, GATED=False, NARROW=narrow(D), BLOCK=READOUT_BLOCK,
             )
     return out
 
@@ -378,8 +435,8 @@ def readout_native(theta_d: torch.Tensor, seed: int, D: int, start: int = 0, cou
         q, rem, big, small = _native_scales(D, d)
         with _on_device(theta.device):
             _readout_native_kernel[(triton.cdiv(count, READOUT_BLOCK),)](
-                theta, out, out, start, count, D, d, rem, big, small, *_native_args(seed, D),
-                WRITE_OUT=True, WRITE_IDX=False, NARROW=narrow(D), BLOCK=READOUT_BLOCK,
+                theta, out, out, out, start, count, D, d, rem, big, small, *_native_args(seed, D),
+                WRITE_OUT=True, WRITE_IDX=False, GATED=False, NARROW=narrow(D), BLOCK=READOUT_BLOCK,
             )
     return out
 
@@ -395,9 +452,38 @@ def readout_peft(
     if count:
         with _on_device(theta.device):
             _readout_peft_kernel[(triton.cdiv(count, READOUT_BLOCK),)](
-                theta, table, scales, out, start, count, BLOCK=READOUT_BLOCK
+                theta, table, scales, out, out, start, count, GATED=False, BLOCK=READOUT_BLOCK
             )
     return out
+
+
+def refresh(
+    theta_d: torch.Tensor, snapshot: torch.Tensor, dirty: torch.Tensor, out: torch.Tensor, seed: int, D: int,
+    table: torch.Tensor | None = None, scales: torch.Tensor | None = None,
+) -> None:
+    """θ_D kept in ``out`` and read out again only if θ_d changed, in three launches and no host sync:
+    compare θ_d with ``snapshot`` bitwise (raising the int32 flag ``dirty``) and copy it there; Kernel A,
+    gated on the flag, writing ``out``'s dtype (the float32 product rounded once, the bits of
+    ``readout(θ_d).to(out.dtype)``); clear the flag. Native projection, or peft with ``table`` and
+    ``scales``. θ_d and ``snapshot``: float32, contiguous, length d; ``out``: contiguous, length D."""
+    _check_device(theta_d, snapshot, dirty, out)
+    d = theta_d.numel()
+    with _on_device(theta_d.device):
+        _compare_snapshot_kernel[(triton.cdiv(d, READOUT_BLOCK),)](
+            theta_d.view(torch.int32), snapshot.view(torch.int32), dirty, d, BLOCK=READOUT_BLOCK
+        )
+        grid = (triton.cdiv(out.numel(), READOUT_BLOCK),)
+        if table is None:
+            q, rem, big, small = _native_scales(D, d)
+            _readout_native_kernel[grid](
+                theta_d, out, out, dirty, 0, out.numel(), D, d, rem, big, small, *_native_args(seed, D),
+                WRITE_OUT=True, WRITE_IDX=False, GATED=True, NARROW=narrow(D), BLOCK=READOUT_BLOCK,
+            )
+        else:
+            _readout_peft_kernel[grid](
+                theta_d, table, scales, out, dirty, 0, out.numel(), GATED=True, BLOCK=READOUT_BLOCK
+            )
+    dirty.zero_()
 
 
 def _next_pow2(n: int) -> int:
@@ -505,4 +591,5 @@ __all__ = [
     "native_permute",
     "readout_native",
     "readout_peft",
+    "refresh",
 ]
