@@ -95,6 +95,17 @@ def test_untracked_theta_reads_out_every_time():
         assert torch.equal(cache.refresh(theta), readout(theta, P))
 
 
+def test_untracked_theta_under_compile_reads_out_in_the_graph():
+    """A θ_d the cache cannot compare, compiled (``fullgraph``): the readout is the custom op, the values exact."""
+    P = Projection.build("native", 5, 500, 11)
+    theta = torch.randn(11, dtype=torch.float64)
+    cache = rc.ReadoutCache(P, theta, torch.device("cpu"), torch.float32)
+    compiled = torch.compile(lambda t: cache.refresh(t) * 1.0, fullgraph=True, backend="aot_eager")
+    for _ in range(2):
+        assert torch.equal(compiled(theta), readout(theta, P))
+        theta.mul_(-1.5)
+
+
 def test_model_inference_reads_out_once_until_theta_changes(monkeypatch):
     """Eager inference passes on an adapted model: one readout, then none while θ_d is unchanged; a change in
     place, through ``.data`` or by ``set_adapter`` is read at the next pass (logits against a fresh model)."""

@@ -83,10 +83,12 @@ class ReadoutCache:
         P = self.projection
         backend = resolve_backend(theta_d.device)
         if not (self.tracking and self.tracks(theta_d)):
-            from .dispatch import readout
+            from .dispatch import project_theta, readout
 
             self.dirty.fill_(1)  # the snapshot no longer says anything
-            return self.theta_D.copy_(readout(theta_d, P).to(self.theta_D.device))
+            # compiled: the custom op (one node of the graph); eager: the plain readout (it takes a DTensor shard)
+            flat = project_theta(theta_d, P) if torch.compiler.is_compiling() else readout(theta_d, P)
+            return self.theta_D.copy_(flat.to(self.theta_D.device))
         if P.kind == NATIVE:
             table, scales = self._no_table, self._no_scales
         else:
