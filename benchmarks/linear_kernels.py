@@ -29,9 +29,12 @@ r = 16, d = 2^19, with the permutation in uint32 (what runs for D < 2^32) and in
 
 ``--decode``: pure GPU time (CUDA graphs) of one decoding row (M = 1) per projection shape: the base GEMV, the
 LoRA path in PyTorch ops (what a compiled graph runs unfused), and Kernel D forward with each small tile of
-``DECODE_TILES``; the line "layer" sums the 7 projections of one layer.
+``DECODE_TILES``; the line "layer" sums the 7 projections of one layer. With ``--cold`` each call reads the next
+of several copies of the weights (512 MiB in all), so they come from HBM as in a model's decoding step; without
+it a lone matrix of a few MiB stays in the L2 cache between calls.
 
     PYTHONPATH=. python benchmarks/linear_kernels.py --decode --out $OUT/decode_kernels.json
+    PYTHONPATH=. python benchmarks/linear_kernels.py --decode --cold --out $OUT/decode_kernels_cold.json
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ LARGE_TILES = [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 256, 64, 8, 3),
                (64, 128, 64, 4, 4), (128, 128, 32, 4, 4)]
 DECODE_TILES = [(16, 16, 256, 2, 3), (16, 16, 512, 4, 3), (16, 32, 256, 4, 3), (16, 32, 128, 2, 4),
                 (16, 64, 128, 4, 3), (16, 64, 256, 4, 3), (16, 128, 64, 4, 4), (16, 16, 128, 1, 4)]
+COLD_BYTES = 512 * 2**20  # weight copies cycled through with --decode --cold: well over any L2 cache
 SMALL_TILES = [(16, 64, 128, 4, 3), (16, 128, 64, 4, 4), (16, 32, 256, 4, 3), (16, 64, 64, 2, 4)]
 
 
@@ -148,7 +152,9 @@ def pieces(lk, r: int, reps: int) -> dict:
     return out
 
 
-def decode(lk, r: int, reps: int) -> dict:
+def decode(lk, r: int, reps: int, cold: bool = False) -> dict:
+    """``cold``: every call of a graph takes the next of enough copies of (W, A, B) to fill ``COLD_BYTES``, so
+    that weights come from HBM as in a model's decoding step, not from the L2 cache a lone small matrix stays in."""
     dev, dt = torch.device("cuda"), torch.bfloat16
     layer = {"q": (2048, 2048), "k": (256, 2048), "v": (256, 2048), "o": (2048, 2048), "gate": (5632, 2048),
              "up": (5632, 2048), "down": (2048, 5632)}
@@ -158,16 +164,35 @@ def decode(lk, r: int, reps: int) -> dict:
         for name, (N, K) in layer.items():
             torch.manual_seed(0)
             x = torch.randn(1, K, device=dev, dtype=dt)
-            W = torch.randn(N, K, device=dev, dtype=dt) * K**-0.5
-            A = (torch.randn(r, K, device=dev) * 0.01).to(dt)
-            B = (torch.randn(N, r, device=dev) * 0.01).to(dt)
-            rows = {"base": graph_us(lambda: F.linear(x, W), reps),
-                    "pytorch_ops": graph_us(lambda: F.linear(x, W).addmm_(x @ A.t(), B.t()), reps)}
+            copies = max(1, -(-COLD_BYTES // (2 * N * K))) if cold else 1
+            Ws = [torch.randn(N, K, device=dev, dtype=dt) * K**-0.5 for _ in range(copies)]
+            As = [(torch.randn(r, K, device=dev) * 0.01).to(dt) for _ in range(copies)]
+            Bs = [(torch.randn(N, r, device=dev) * 0.01).to(dt) for _ in range(copies)]
+            turn = [0]
+
+            def nxt():
+                turn[0] += 1
+                i = turn[0] % copies
+                return Ws[i], As[i], Bs[i]
+
+            def base():
+                W, _, _ = nxt()
+                return F.linear(x, W)
+
+            def pytorch_ops():
+                W, A, B = nxt()
+                return F.linear(x, W).addmm_(x @ A.t(), B.t())
+
+            def kernel_d():
+                W, A, B = nxt()
+                return lk.forward(x, W, None, A, B, False)
+
+            rows = {"base": graph_us(base, reps), "pytorch_ops": graph_us(pytorch_ops, reps)}
             for tiles in DECODE_TILES:
                 lk._DECODE = lk._DECODE_WIDE = tiles
                 lk._FORWARD_PLANS.clear()
                 try:
-                    rows[str(tiles)] = graph_us(lambda: lk.forward(x, W, None, A, B, False), reps)
+                    rows[str(tiles)] = graph_us(kernel_d, reps)
                 except Exception as exc:  # a tile that does not fit is reported, not fatal
                     rows[str(tiles)] = repr(exc)[:120]
             out[name] = rows
@@ -242,6 +267,7 @@ def main(argv=None) -> dict:
     p.add_argument("--pieces", action="store_true", help="only the GPU time of each GEMM piece (CUDA graphs)")
     p.add_argument("--projection", action="store_true", help="only Kernels A and B, uint32 against int64")
     p.add_argument("--decode", action="store_true", help="only M = 1: base, PyTorch ops and Kernel D tiles")
+    p.add_argument("--cold", action="store_true", help="with --decode: weights from HBM (cycled copies), not L2")
     a = p.parse_args(argv)
     from unilora_hf.kernels import linear_kernels, lora_linear
 
@@ -249,7 +275,7 @@ def main(argv=None) -> dict:
     dev, dt = torch.device("cuda"), torch.bfloat16
     record = {"benchmark": "linear_kernels", "environment": common.environment(dev), "r": a.r, "shapes": {}}
     if a.decode:
-        record["decode"] = decode(lk, a.r, a.reps)
+        record["decode" + ("_cold" if a.cold else "")] = decode(lk, a.r, a.reps, a.cold)
         common.write_json(a.out, record)
         return record
     if a.projection:
