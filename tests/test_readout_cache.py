@@ -151,6 +151,29 @@ def test_model_inference_reads_out_once_until_theta_changes(monkeypatch):
         assert torch.equal(got, fresh_logits())
 
 
+def test_inference_mode_then_no_grad_passes():
+    """A kept θ_D made inside ``torch.inference_mode()`` is updated by later ``no_grad`` passes (inference tensors
+    refuse in-place updates outside that mode), and the other way round."""
+    from models import tiny_llama, tokens
+
+    def build():
+        model = tiny_llama(seed=2)
+        inject_adapter(model, UniLoraConfig(r=2, theta_d_length=32, target_modules="all-linear"))
+        return model.eval()
+
+    model, other = build(), build()
+    ids = tokens(model, 1, 6)
+    for step, mode in enumerate([torch.inference_mode, torch.no_grad, torch.inference_mode, torch.no_grad]):
+        with torch.no_grad():
+            for m in (model, other):
+                get_adapter(m).theta_d.copy_(torch.linspace(-0.3, 0.3, 32) * (step + 1))
+        with mode():
+            got = model(input_ids=ids).logits
+        with torch.no_grad():
+            get_adapter(other)._drop_pass_cache()  # a fresh readout each time
+            torch.testing.assert_close(got, other(input_ids=ids).logits, rtol=0, atol=0)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 class TestCuda:

@@ -358,7 +358,8 @@ class UniLoraAdapter:
                 cache = self._static[key] = ReadoutCache(self.projection, theta, device, dtype)
             cache.refresh(theta)
             if cache.views is None:  # split once: the buffer is refreshed in place
-                cache.views = self._split(cache.theta_D)
+                with torch.inference_mode(False):
+                    cache.views = self._split(cache.theta_D)
             views = self._views[key] = cache.views
         return views[self._slot[spec.offset]]
 

@@ -61,13 +61,15 @@ class ReadoutCache:
 
     def __init__(self, projection: Projection, theta_d: torch.Tensor, device: torch.device, dtype: torch.dtype):
         self.projection = projection
-        self.theta_D = torch.empty(projection.D, device=device, dtype=dtype)
-        self.snapshot = torch.empty(projection.d, device=device, dtype=torch.float32)
-        self.dirty = torch.ones(1, device=device, dtype=torch.int32)
+        # normal tensors even when made inside torch.inference_mode(): later passes outside it update them in place
+        with torch.inference_mode(False):
+            self.theta_D = torch.empty(projection.D, device=device, dtype=dtype)
+            self.snapshot = torch.empty(projection.d, device=device, dtype=torch.float32)
+            self.dirty = torch.ones(1, device=device, dtype=torch.int32)
+            self._no_table = torch.empty(0, device=device, dtype=torch.int32)
+            self._no_scales = torch.empty(0, device=device, dtype=torch.float32)
         self.tracking = self.tracks(theta_d)
         self.views: list | None = None  # the (A, B) views of theta_D, kept by the adapter
-        self._no_table = torch.empty(0, device=device, dtype=torch.int32)
-        self._no_scales = torch.empty(0, device=device, dtype=torch.float32)
         for t in (self.theta_D, self.snapshot, self.dirty):
             torch._dynamo.mark_static_address(t)
 
