@@ -264,11 +264,9 @@ class UniLoraAdapter:
                 return
             if self._training_pass:  # read out now, outside any activation-checkpointed block
                 self.lora_pair(layer.spec, device, dtype)
-            elif not torch.compiler.is_compiling() and (device, dtype) not in self._static:
-                # allocated here, so that a compiled forward whose root hooks run outside it finds the kept θ_D
-                from .kernels.readout_cache import ReadoutCache
-
-                self._static[device, dtype] = ReadoutCache(self.projection, self.theta_d, device, dtype)
+            elif not torch.compiler.is_compiling():
+                # made here, so that a compiled forward whose root hooks run outside it finds the kept θ_D
+                self._kept_theta_D(device, dtype)
 
     def _close_pass(self, module, args, output):
         self._forward_depth = max(0, self._forward_depth - 1)
@@ -322,27 +320,20 @@ class UniLoraAdapter:
         key = (device, dtype)
         theta = self.theta_d
         differentiable = torch.is_grad_enabled() and theta.requires_grad
-        if differentiable:
+        cache = None if differentiable else self._static.get(key)
+        # Training, or compiled inference before any kept θ_D exists: θ_D read out for this pass (in the graph
+        # when compiled, as a custom op). Otherwise the θ_D kept per (device, dtype), refreshed once per pass
+        # (read out again only if θ_d's bits changed); a ReadoutCache is made outside compilation only.
+        if differentiable or (cache is None and torch.compiler.is_compiling()):
             views = self._views.get(key)
             if views is None:
                 if self._theta_D is None:
                     from .kernels import project_theta
 
-                    self._theta_D = project_theta(theta, self.projection)
+                    self._theta_D = project_theta(theta if differentiable else theta.detach(), self.projection)
                 views = self._views[key] = self._split(self._theta_D.to(device=device, dtype=dtype))
             return views[self._slot[spec.offset]]
-        # Inference: θ_D kept per (device, dtype) in a ReadoutCache, refreshed once per pass (read out again
-        # only if θ_d's bits changed). A cache is created outside compilation only (the first eager pass).
-        cache = self._static.get(key)
         if torch.compiler.is_compiling():
-            if cache is None:  # compiled before any eager pass: the graph reads out
-                views = self._views.get(key)
-                if views is None:
-                    from .kernels import project_theta
-
-                    flat = project_theta(theta.detach(), self.projection).to(device=device, dtype=dtype)
-                    views = self._views[key] = self._split(flat)
-                return views[self._slot[spec.offset]]
             # One refresh op per pass; each layer views its slice of the static buffer. Nothing but a flag is
             # kept in Python state: tensors stored there would leave the graph as outputs, which AOT autograd
             # rebuilds (view by view) on every call when they alias an input.
@@ -352,16 +343,22 @@ class UniLoraAdapter:
             return spec.lora_views(cache.theta_D[spec.offset : spec.offset + spec.size])
         views = self._views.get(key)
         if views is None:
-            if cache is None:
-                from .kernels.readout_cache import ReadoutCache
-
-                cache = self._static[key] = ReadoutCache(self.projection, theta, device, dtype)
+            cache = self._kept_theta_D(device, dtype)
             cache.refresh(theta)
             if cache.views is None:  # split once: the buffer is refreshed in place
                 with torch.inference_mode(False):
                     cache.views = self._split(cache.theta_D)
             views = self._views[key] = cache.views
         return views[self._slot[spec.offset]]
+
+    def _kept_theta_D(self, device: torch.device, dtype: torch.dtype) -> "ReadoutCache":
+        """The inference θ_D kept for (device, dtype), made (not yet read out) when missing; never while compiling."""
+        cache = self._static.get((device, dtype))
+        if cache is None:
+            from .kernels.readout_cache import ReadoutCache
+
+            cache = self._static[device, dtype] = ReadoutCache(self.projection, self.theta_d, device, dtype)
+        return cache
 
     def _theta_D_now(self) -> torch.Tensor:
         """θ_D in float32, not differentiable (for merging)."""

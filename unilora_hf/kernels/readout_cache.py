@@ -30,6 +30,7 @@ import torch
 from ..projection import NATIVE, Projection
 from .dispatch import _kernels, _readout_native, _readout_peft, resolve_backend
 
+
 @torch.library.custom_op("unilora_hf::refresh_theta_D", mutates_args=("snapshot", "dirty", "theta_D"))
 def _refresh_op(
     theta_d: torch.Tensor, snapshot: torch.Tensor, dirty: torch.Tensor, theta_D: torch.Tensor,
@@ -83,7 +84,6 @@ class ReadoutCache:
         """``theta_D`` made equal to the readout of ``theta_d`` (detached), and returned."""
         theta_d = theta_d.detach()
         P = self.projection
-        backend = resolve_backend(theta_d.device)
         if not (self.tracking and self.tracks(theta_d)):
             from .dispatch import project_theta, readout
 
@@ -91,6 +91,7 @@ class ReadoutCache:
             # compiled: the custom op (one node of the graph); eager: the plain readout (it takes a DTensor shard)
             flat = project_theta(theta_d, P) if torch.compiler.is_compiling() else readout(theta_d, P)
             return self.theta_D.copy_(flat.to(self.theta_D.device))
+        backend = resolve_backend(theta_d.device)
         if P.kind == NATIVE:
             table, scales = self._no_table, self._no_scales
         else:
