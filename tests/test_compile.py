@@ -322,3 +322,35 @@ class TestCuda:
         compiled = model.generate(**kwargs)  # transformers compiles the decoding step for a static cache on CUDA
         assert torch.equal(compiled, eager)
 
+
+
+def test_compiled_training_adds_the_lora_product_in_place():
+    """Traced as plain ops, ``y.addmm_(h, Bᵀ)`` becomes an out-of-place addmm that first copies y (one more read
+    and write of every projection's output). The compiled step instead runs each adapted layer as the op
+    ``frozen_linear_lora`` and its dx as ``frozen_linear_lora_dx`` (both add in place): one per adapted layer in the
+    forward graph, one per layer whose input needs a gradient in the backward, and no addmm in either."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs = {"forward": [], "backward": []}
+
+    def keep(kind):
+        def compiler(gm, example_inputs):
+            graphs[kind].append(gm)
+            return make_boxed_func(gm.forward)
+        return compiler
+
+    layers = 2
+    model = adapted(layers).train()
+    ids = tokens(model, 2, 6)
+    compiled = torch.compile(model, backend=aot_autograd(fw_compiler=keep("forward"), bw_compiler=keep("backward")))
+    compiled(input_ids=ids, labels=ids).loss.backward()
+
+    def count(kind, name):
+        return sum(name == str(node.target) for gm in graphs[kind] for node in gm.graph.nodes)
+
+    assert count("forward", "unilora_hf.frozen_linear_lora.default") == 7 * layers
+    # the first layer's q, k and v read the frozen embeddings' norm: no gradient wanted there
+    assert count("backward", "unilora_hf.frozen_linear_lora_dx.default") == 7 * layers - 3
+    assert count("forward", "aten.addmm.default") == count("backward", "aten.addmm.default") == 0
+    assert get_adapter(model).theta_d.grad.abs().max() > 0

@@ -224,3 +224,73 @@ class TestCuda:
             merged = gpu(input_ids=ids.cuda()).logits
             adapter.unmerge()
         assert (merged - unmerged).double().norm().item() <= self.TOL[dtype] * scale + 4 * rounding
+
+
+def test_autocast_to_the_model_dtype_keeps_the_frozen_path(monkeypatch):
+    """A bf16 model under bf16 autocast (``Trainer(bf16=True)`` on a bf16 checkpoint) runs the frozen-linear path,
+    with the loss and θ_d gradient of the same pass without autocast; a float32 model under bf16 autocast takes
+    the general path (the base computes in bf16 there, so the layer's inputs differ in dtype from its weight)."""
+    calls = []
+    real = lora_linear.frozen_linear_lora
+    monkeypatch.setattr(lora_linear, "frozen_linear_lora", lambda *a: calls.append(1) or real(*a))
+    got = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        model = tiny_llama().to(dtype).train()
+        adapter = inject_adapter(model, UniLoraConfig(r=2, theta_d_length=64, target_modules="all-linear"))
+        with torch.no_grad():
+            adapter.theta_d.uniform_(-0.3, 0.3, generator=torch.Generator().manual_seed(3))
+        ids = tokens(model)
+        for autocast in (False, True):
+            calls.clear()
+            adapter.theta_d.grad = None
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            got[dtype, autocast] = (loss.detach().float(), adapter.theta_d.grad.clone(), len(calls))
+    layers = 2 * 7
+    assert got[torch.bfloat16, False][2] == got[torch.bfloat16, True][2] == layers
+    assert torch.equal(got[torch.bfloat16, True][0], got[torch.bfloat16, False][0])
+    assert torch.equal(got[torch.bfloat16, True][1], got[torch.bfloat16, False][1])
+    assert got[torch.bfloat16, True][1].abs().max() > 0
+    assert got[torch.float32, False][2] == layers and got[torch.float32, True][2] == 0
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_compiled_path_ops_match_the_composite_and_pass_opcheck(with_bias):
+    """The ops the compiled layer runs (``unilora_hf::frozen_linear_lora``, its backward's ``..._dx``): their
+    registration (fake shapes, autograd) by ``torch.library.opcheck``, values and gradients against the float64
+    composite, and gradcheck in x, A and B."""
+    torch.manual_seed(2)
+    x = torch.randn(6, 9, dtype=torch.float64, requires_grad=True)
+    W = torch.randn(5, 9, dtype=torch.float64)
+    b = torch.randn(5, dtype=torch.float64) if with_bias else None
+    A = torch.randn(3, 9, dtype=torch.float64, requires_grad=True)
+    B = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    op, dx_op = torch.ops.unilora_hf.frozen_linear_lora, torch.ops.unilora_hf.frozen_linear_lora_dx
+    torch.library.opcheck(op, (x, W, b, A, B))
+    torch.library.opcheck(dx_op, (torch.randn(6, 5, dtype=torch.float64, requires_grad=True), W, A, B))
+    y, h = op(x, W, b, A, B)
+    want = _composite(x, W, b, A, B)
+    torch.testing.assert_close(y, want)
+    torch.testing.assert_close(h, x @ A.T)
+    g = torch.randn(6, 5, dtype=torch.float64)
+    for got, expected in zip(torch.autograd.grad(y, (x, A, B), g), torch.autograd.grad(want, (x, A, B), g)):
+        torch.testing.assert_close(got, expected)
+    assert torch.autograd.gradcheck(lambda x, A, B: op(x, W, b, A, B)[0], (x, A, B))
+    assert torch.autograd.gradcheck(lambda x, A, B: op(x, W, b, A, B), (x, A, B))  # h's gradient too
+    assert torch.autograd.gradcheck(lambda A, B: op(x.detach(), W, b, A, B)[0], (A, B))  # no dx: no dx op
+
+
+def test_compiled_path_dx_op_is_twice_differentiable():
+    """The backward's op has its own derivative, so a double backward (a gradient penalty) through the compiled
+    layer works: gradcheck and gradgradcheck of the op's output in float64 against finite differences."""
+    torch.manual_seed(4)
+    x = torch.randn(4, 7, dtype=torch.float64, requires_grad=True)
+    W = torch.randn(6, 7, dtype=torch.float64)
+    A = torch.randn(2, 7, dtype=torch.float64, requires_grad=True)
+    B = torch.randn(6, 2, dtype=torch.float64, requires_grad=True)
+    op = torch.ops.unilora_hf.frozen_linear_lora
+    g = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    dx_op = torch.ops.unilora_hf.frozen_linear_lora_dx
+    assert torch.autograd.gradcheck(lambda g, A, B: dx_op(g, W, A, B), (g, A, B))
+    assert torch.autograd.gradgradcheck(lambda x, A, B: op(x, W, None, A, B)[0], (x, A, B))

@@ -65,7 +65,7 @@ class UniLoraLinear(nn.Module):
 
     def _frozen_plain_weights(self, base: nn.Module, x: torch.Tensor):
         """(W, b) when ``base`` is a plain nn.Linear with frozen W, b matching x's dtype and device (and
-        no autocast, no active dropout), else None. Module attributes are read from their dicts: this
+        no active dropout, no autocast to another dtype than x's), else None. Module attributes are read from their dicts: this
         runs once per layer call, on the CPU critical path of a training step."""
         if type(base) is not nn.Linear:
             return None
@@ -75,7 +75,7 @@ class UniLoraLinear(nn.Module):
             or (bias is not None and bias.requires_grad)
             or x.dtype != weight.dtype
             or x.device != weight.device
-            or torch.is_autocast_enabled(x.device.type)
+            or (torch.is_autocast_enabled(x.device.type) and torch.get_autocast_dtype(x.device.type) != x.dtype)
             or (self.training and type(self._modules["unilora_dropout"]) is not nn.Identity)
         ):
             return None

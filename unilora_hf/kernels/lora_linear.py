@@ -15,8 +15,12 @@ one launch) is the alternative backward (``_KERNEL_E``); it measured slower than
 training step on an H100, so it is off. On the ``reference`` backend, and under ``torch.compile`` where
 autograd records or more than ``COMPILED_FUSED_ROWS`` rows come, the layer is the same maths in PyTorch
 ops (``y = F.linear(x, W, b); y.addmm_(x Aᵀ, Bᵀ)``, autograd's own backward), which the compiler traces:
-for those shapes Inductor's cuBLAS GEMMs plus the two small LoRA GEMMs measured faster than Kernel D.
-Compiled inference on at most ``COMPILED_FUSED_ROWS`` rows (decoding) calls Kernel D through the custom
+for those shapes cuBLAS's GEMMs plus the two small LoRA GEMMs measured faster than Kernel D. There the layer is
+the custom op ``unilora_hf::frozen_linear_lora`` (``y = F.linear(x, W, b)``, then ``y += h Bᵀ`` in place in the
+epilogue of h Bᵀ's GEMM) with the backward's ``dx = g W + gB A`` as the op ``unilora_hf::frozen_linear_lora_dx``
+(in place the same way), dA and dB as traced GEMMs: traced as plain ops, the in-place ``addmm_`` becomes an
+out-of-place ``addmm`` that first copies y (M×N) into a new buffer, one extra read and write of every
+projection's output per step. Compiled inference on at most ``COMPILED_FUSED_ROWS`` rows (decoding) calls Kernel D through the custom
 op ``unilora_hf::frozen_linear_lora_inference`` (a fake implementation gives its shape): one kernel per
 layer instead of three, the same bits as the eager layer, and a CUDA graph captures it. Every product
 accumulates in float32; h and gB are rounded to the activation dtype, as the unfused ops store them.
@@ -128,6 +132,81 @@ def _compiled_inference_fused(x2: torch.Tensor, A: torch.Tensor, B: torch.Tensor
             and dispatch.resolve_backend(x2.device) == "triton")
 
 
+@torch.library.custom_op("unilora_hf::frozen_linear_lora", mutates_args=())
+def _compiled_op(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor,
+                 B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, h) with ``h = x Aᵀ`` (M×r) and ``y = x Wᵀ + b + h Bᵀ`` (M×N), h Bᵀ added by its GEMM in place into y:
+    the bits of the eager reference path. h is kept for dB (and differentiable, for a double backward)."""
+    h = x2 @ A.t()
+    return F.linear(x2, weight, bias).addmm_(h, B.t()), h
+
+
+@_compiled_op.register_fake
+def _(x2, weight, bias, A, B):
+    return x2.new_empty((x2.shape[0], weight.shape[0])), x2.new_empty((x2.shape[0], A.shape[0]))
+
+
+@torch.library.custom_op("unilora_hf::frozen_linear_lora_dx", mutates_args=())
+def _compiled_dx_op(g: torch.Tensor, weight: torch.Tensor, A: torch.Tensor,
+                    B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dx, gB) with ``gB = g B`` (M×r) and ``dx = g W + gB A`` (M×K), gB A added in place into g W."""
+    gB = g @ B
+    return (g @ weight).addmm_(gB, A), gB
+
+
+@_compiled_dx_op.register_fake
+def _(g, weight, A, B):
+    return g.new_empty((g.shape[0], weight.shape[1])), g.new_empty((g.shape[0], B.shape[1]))
+
+
+def _compiled_dx_setup(ctx, inputs, output):
+    g, weight, A, B = inputs
+    ctx.save_for_backward(g, weight, A, B, output[1])
+
+
+def _compiled_dx_backward(ctx, u, v):
+    """dx = g W + gB A and gB = g B are linear in g: with upstream (u, v) for (dx, gB), w = u Aᵀ + v is the
+    gradient reaching gB, so dg = u Wᵀ + w Bᵀ, dA = gBᵀ u, dB = gᵀ w (W frozen)."""
+    g, weight, A, B, gB = ctx.saved_tensors
+    need_g, _, need_A, need_B = ctx.needs_input_grad
+    if u is None:
+        u = g.new_zeros((g.shape[0], weight.shape[1]))
+    w = u @ A.t() if v is None else torch.addmm(v, u, A.t())
+    dg = (u @ weight.t()).addmm_(w, B.t()) if need_g else None
+    return dg, None, gB.t() @ u if need_A else None, g.t() @ w if need_B else None
+
+
+_compiled_dx_op.register_autograd(_compiled_dx_backward, setup_context=_compiled_dx_setup)
+
+
+def _compiled_op_setup(ctx, inputs, output):
+    x2, weight, _bias, A, B = inputs
+    ctx.set_materialize_grads(False)  # h's gradient is None unless a caller uses h: no product of zeros
+    ctx.save_for_backward(x2, weight, A, B, output[1])
+
+
+def _compiled_op_backward(ctx, g, gh):
+    x2, weight, A, B, h = ctx.saved_tensors
+    need_x, _, _, need_A, need_B = ctx.needs_input_grad
+    if g is None:
+        g = x2.new_zeros((x2.shape[0], weight.shape[0]))
+    dx = dA = dB = gB = None
+    if need_x:
+        dx, gB = torch.ops.unilora_hf.frozen_linear_lora_dx(g, weight, A, B)
+        if gh is not None:
+            dx = dx.addmm(gh, A)
+    elif need_A:
+        gB = g @ B
+    if need_A:
+        dA = (gB if gh is None else gB + gh).t() @ x2
+    if need_B:
+        dB = g.t() @ h
+    return dx, None, None, dA, dB
+
+
+_compiled_op.register_autograd(_compiled_op_backward, setup_context=_compiled_op_setup)
+
+
 def frozen_linear_lora(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor, B: torch.Tensor
 ) -> torch.Tensor:
@@ -136,11 +215,13 @@ def frozen_linear_lora(
     x2 = _flat(x)
     kernels = None
     fusable = x.dtype in _FUSED_DTYPES and A.shape[0] <= _FUSED_MAX_RANK and x2.shape[0]
-    if fusable and torch.compiler.is_compiling():
-        if _compiled_inference_fused(x2, A, B):
+    if torch.compiler.is_compiling():
+        if fusable and _compiled_inference_fused(x2, A, B):
             y = torch.ops.unilora_hf.frozen_linear_lora_inference(x2, weight, bias, A, B)
-            return y.view(*x.shape[:-1], y.shape[-1])
-    elif fusable:
+        else:
+            y = torch.ops.unilora_hf.frozen_linear_lora(x2, weight, bias, A, B)[0]
+        return y.view(*x.shape[:-1], y.shape[-1])
+    if fusable:
         kernels = fused_kernels(x.device)
     if kernels is not None:
         if torch.is_grad_enabled() and (x.requires_grad or A.requires_grad or B.requires_grad):
