@@ -12,18 +12,20 @@ whose forward is one launch of Kernel D (``linear_kernels``: base GEMM, LoRA pro
 kernel, which also keeps h) and whose backward is ``gB = g B``, ``dx = g W + gB A`` (one GEMM
 accumulating into another) and the two small GEMMs for dA and dB, on cuBLAS. Kernel E (dx and gB in
 one launch) is the alternative backward (``_KERNEL_E``); it measured slower than these GEMMs in a
-training step on an H100, so it is off. On the ``reference`` backend, and under ``torch.compile`` where
-autograd records or more than ``COMPILED_FUSED_ROWS`` rows come, the layer is the same maths in PyTorch
-ops (``y = F.linear(x, W, b); y.addmm_(x Aᵀ, Bᵀ)``, autograd's own backward), which the compiler traces:
-for those shapes cuBLAS's GEMMs plus the two small LoRA GEMMs measured faster than Kernel D. There the layer is
-the custom op ``unilora_hf::frozen_linear_lora`` (``y = F.linear(x, W, b)``, then ``y += h Bᵀ`` in place in the
-epilogue of h Bᵀ's GEMM) with the backward's ``dx = g W + gB A`` as the op ``unilora_hf::frozen_linear_lora_dx``
-(in place the same way), dA and dB as traced GEMMs: traced as plain ops, the in-place ``addmm_`` becomes an
-out-of-place ``addmm`` that first copies y (M×N) into a new buffer, one extra read and write of every
-projection's output per step. Compiled inference on at most ``COMPILED_FUSED_ROWS`` rows (decoding) calls Kernel D through the custom
-op ``unilora_hf::frozen_linear_lora_inference`` (a fake implementation gives its shape): one kernel per
-layer instead of three, the same bits as the eager layer, and a CUDA graph captures it. Every product
-accumulates in float32; h and gB are rounded to the activation dtype, as the unfused ops store them.
+training step on an H100, so it is off.
+
+On the ``reference`` backend the layer is the same maths in PyTorch ops with autograd's own backward:
+``_base_plus_lora`` (``y = (x Aᵀ) Bᵀ + b``, then ``y += x Wᵀ`` in place by the base GEMM) and ``_dx`` for
+``dx``. Under ``torch.compile``, where autograd records or more than ``COMPILED_FUSED_ROWS`` rows come (for those
+shapes cuBLAS's GEMMs plus the two small LoRA GEMMs measured faster than Kernel D), the layer is the custom op
+``unilora_hf::frozen_linear_lora`` (``_base_plus_lora``), its backward's dx the op
+``unilora_hf::frozen_linear_lora_dx`` (``_dx``), dA and dB traced GEMMs. Traced as plain ops instead, each in-place
+``addmm_`` would become an out-of-place ``addmm`` that first copies its M×N input into a new buffer: one more
+read and write of every projection's output per step. Compiled inference on at most ``COMPILED_FUSED_ROWS``
+rows (decoding) calls Kernel D through the custom op ``unilora_hf::frozen_linear_lora_inference`` (a fake
+implementation gives its shape): one kernel per layer instead of three, the same bits as the eager layer, and a
+CUDA graph captures it. Every product accumulates in float32; h and gB are rounded to the activation dtype, as
+the unfused ops store them.
 
 ``add_lora(result, x, A, B)`` is the general path (any base layer, dropout on the LoRA input):
 ``result + (x Aᵀ) Bᵀ`` as one GEMM into a new tensor. ``reference.lora_forward`` is the oracle of both.
@@ -76,6 +78,20 @@ def fused_kernels(device: torch.device):
     return _kernel_module("linear_kernels", device)
 
 
+def _base_plus_lora(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, h: torch.Tensor,
+                    B: torch.Tensor) -> torch.Tensor:
+    """``x Wᵀ + b + h Bᵀ`` (M×N) on cuBLAS: the rank-r product first (the bias as its C), then the base GEMM adds
+    it in its epilogue (beta = 1). The M×N term is written by a cheap GEMM and read by one bound by its
+    arithmetic, where adding it after the base GEMM would read and write y again in a memory-bound one."""
+    low = h @ B.t() if bias is None else torch.addmm(bias, h, B.t())
+    return low.addmm_(x2, weight.t())
+
+
+def _dx(g: torch.Tensor, weight: torch.Tensor, gB: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+    """``g W + gB A`` (M×K), ordered as ``_base_plus_lora``: gB A first, g W's GEMM adds it."""
+    return (gB @ A).addmm_(g, weight)
+
+
 class _FusedFrozenLinearLora(torch.autograd.Function):
     """Kernel D forward, Kernel E backward (``linear_kernels``); differentiable in x, A and B."""
 
@@ -96,7 +112,7 @@ class _FusedFrozenLinearLora(torch.autograd.Function):
             dx, gB = ctx.kernels.dgrad(g, weight, A, B, keep_gb=need_A)
         elif need_x:
             gB = g @ B
-            dx = (g @ weight).addmm_(gB, A)
+            dx = _dx(g, weight, gB, A)
         elif need_A:
             gB = g @ B
         if need_A:
@@ -115,7 +131,7 @@ def _inference_op(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     """Kernel D's ``x Wᵀ + b + round(x Aᵀ) Bᵀ`` (M×N) for compiled inference; x2: M×K. Not differentiable."""
     kernels = fused_kernels(x2.device)
     if kernels is None:  # the backend changed since tracing: the same maths in PyTorch ops
-        return F.linear(x2, weight, bias).addmm_(x2 @ A.t(), B.t())
+        return _base_plus_lora(x2, weight, bias, x2 @ A.t(), B)
     return kernels.forward(x2.contiguous(), weight.contiguous(), bias, A.contiguous(), B.contiguous(), keep_h=False)[0]
 
 
@@ -138,7 +154,7 @@ def _compiled_op(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     """(y, h) with ``h = x Aᵀ`` (M×r) and ``y = x Wᵀ + b + h Bᵀ`` (M×N), h Bᵀ added by its GEMM in place into y:
     the bits of the eager reference path. h is kept for dB (and differentiable, for a double backward)."""
     h = x2 @ A.t()
-    return F.linear(x2, weight, bias).addmm_(h, B.t()), h
+    return _base_plus_lora(x2, weight, bias, h, B), h
 
 
 @_compiled_op.register_fake
@@ -151,7 +167,7 @@ def _compiled_dx_op(g: torch.Tensor, weight: torch.Tensor, A: torch.Tensor,
                     B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(dx, gB) with ``gB = g B`` (M×r) and ``dx = g W + gB A`` (M×K), gB A added in place into g W."""
     gB = g @ B
-    return (g @ weight).addmm_(gB, A), gB
+    return _dx(g, weight, gB, A), gB
 
 
 @_compiled_dx_op.register_fake
@@ -172,7 +188,7 @@ def _compiled_dx_backward(ctx, u, v):
     if u is None:
         u = g.new_zeros((g.shape[0], weight.shape[1]))
     w = u @ A.t() if v is None else torch.addmm(v, u, A.t())
-    dg = (u @ weight.t()).addmm_(w, B.t()) if need_g else None
+    dg = (w @ B.t()).addmm_(u, weight.t()) if need_g else None
     return dg, None, gB.t() @ u if need_A else None, g.t() @ w if need_B else None
 
 
@@ -229,8 +245,7 @@ def frozen_linear_lora(
         else:
             y = kernels.forward(x2, weight, bias, A, B, keep_h=False)[0]
     else:
-        y = F.linear(x2, weight, bias)
-        y.addmm_(x2 @ A.t(), B.t())
+        y = _base_plus_lora(x2, weight, bias, x2 @ A.t(), B)
     return y.view(*x.shape[:-1], y.shape[-1])
 
 
