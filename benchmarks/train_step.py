@@ -17,6 +17,9 @@ Rows (``--only`` picks some, comma-separated):
     peft_unilora     PEFT 0.21's UniLoRA tuner, r, d = theta_d_length, proj_seed 42.
     unilora_hf       unilora_hf, native projection (kernels as dispatched for the device).
     unilora_hf_peft  unilora_hf with projection="peft" (PEFT-identical projection, CSR inverse cached).
+    unilora_hf_after unilora_hf with the order of the cuBLAS path before commit 3cf1673: the base GEMM first,
+                     then the rank-r GEMM reads and writes y (and dx) to add its term; for an A/B of the two
+                     orders in one process (the library's ``_base_plus_lora`` and ``_dx`` swapped at each step).
 Peak memory: ``max_memory_allocated`` from just before the warm-up steps to the end of the row (model,
 optimizer state, activations); the model is freed (gc + empty_cache) between rows. "Adapter buffers" /
 "cache" / "host": bytes the adapter keeps besides its parameters (``common.adapter_state_bytes``);
@@ -55,6 +58,7 @@ ROWS = {
     "peft_unilora": "PEFT UniLoRA",
     "unilora_hf": "unilora_hf (native)",
     "unilora_hf_peft": "unilora_hf (peft projection)",
+    "unilora_hf_after": "unilora_hf (native), LoRA term added after the base GEMM",
 }
 
 
@@ -84,7 +88,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                               ("warmup", 3, 1), ("steps", 10, 2)):
         if getattr(args, name) is None:
             setattr(args, name, small if tiny else full)
-    args.rows = list(ROWS) if args.only is None else [k.strip() for k in args.only.split(",") if k.strip()]
+    args.rows = [k for k in ROWS if k != "unilora_hf_after"] if args.only is None else [k.strip() for k in args.only.split(",") if k.strip()]
     unknown = [k for k in args.rows if k not in ROWS]
     if unknown or not args.rows:
         p.error(f"--only {args.only!r}: unknown row(s) {unknown}; rows are {','.join(ROWS)}")
@@ -137,6 +141,7 @@ def run(key: str, args, cfg, device, dtype, ids) -> dict:
     opt = torch.optim.AdamW(params, lr=1e-4) if params else None
 
     def step():
+        use_order(key)
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         if opt is not None:
@@ -174,6 +179,24 @@ def run(key: str, args, cfg, device, dtype, ids) -> dict:
     return rec
 
 
+def _lora_after(x2, weight, bias, h, B):
+    return torch.nn.functional.linear(x2, weight, bias).addmm_(h, B.t())
+
+
+def _dx_after(g, weight, gB, A):
+    return (g @ weight).addmm_(gB, A)
+
+
+def use_order(key: str) -> None:
+    """The cuBLAS path's order for row ``key`` (see ``unilora_hf_after``); the custom ops look these up per call."""
+    from unilora_hf.kernels import lora_linear
+
+    if not hasattr(lora_linear, "_library_order"):
+        lora_linear._library_order = (lora_linear._base_plus_lora, lora_linear._dx)
+    after = key == "unilora_hf_after"
+    lora_linear._base_plus_lora, lora_linear._dx = (_lora_after, _dx_after) if after else lora_linear._library_order
+
+
 def build_variant(key: str, mode: str | None, args, cfg, device, dtype, ids) -> dict:
     """One resident row: the model with its adapter, eager (mode None) or compiled with ``mode``, and its step."""
     t0 = time.perf_counter()
@@ -184,6 +207,7 @@ def build_variant(key: str, mode: str | None, args, cfg, device, dtype, ids) -> 
     graphs = mode == "reduce-overhead"
 
     def step():
+        use_order(key)
         if graphs:
             torch.compiler.cudagraph_mark_step_begin()
         loss = run_model(input_ids=ids, labels=ids).loss
@@ -262,7 +286,13 @@ def profile(step, n: int, device) -> dict:
 
 
 def main(argv=None) -> dict:
-    args = parse_args(argv)
+    try:
+        return _main(parse_args(argv))
+    finally:
+        use_order("floor")  # the library's own order again
+
+
+def _main(args) -> dict:
     device = common.pick_device("cpu" if args.tiny and args.device is None else args.device)
     dtype = common.DTYPES[args.dtype]
     cfg = common.llama_config("tiny" if args.tiny else args.size, args.layers)

@@ -235,3 +235,24 @@ def test_bad_arguments_are_named(capsys):
     with pytest.raises(SystemExit):
         multi_adapter.parse_args(["--out", "x.json", "--only", "mixed,lora"])
     assert "--only: unknown row(s) ['lora']" in capsys.readouterr().err
+
+
+def test_train_step_order_rows_compute_the_same_step(tmp_path):
+    """The A/B row ``unilora_hf_after`` (the LoRA term added after the base GEMM) trains the same model as
+    ``unilora_hf`` (the term first, added by the base GEMM): same losses on the CPU reference path, where the
+    rounding of float32 sums is all that differs, and the library's own order is back after the run."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        import train_step
+    finally:
+        sys.path.remove(str(BENCH))
+    from unilora_hf.kernels import lora_linear
+
+    own = (lora_linear._base_plus_lora, lora_linear._dx)
+    rec = train_step.main(["--tiny", "--only", "unilora_hf,unilora_hf_after", "--out", str(tmp_path / "t.json")])
+    rows = rec["rows"]
+    _no_errors(rows)
+    for key in ("loss_first", "loss_last"):
+        assert rows["unilora_hf_after"][key] == pytest.approx(rows["unilora_hf"][key], rel=1e-5)
+    assert rows["unilora_hf"]["loss_last"] != rows["unilora_hf"]["loss_first"]
+    assert (lora_linear._base_plus_lora, lora_linear._dx) == own
