@@ -28,8 +28,8 @@ r = 16, d = 2^19, with the permutation in uint32 (what runs for D < 2^32) and in
     PYTHONPATH=. python benchmarks/linear_kernels.py --projection --out $OUT/projection_kernels.json
 
 ``--decode``: pure GPU time (CUDA graphs) of one decoding row (M = 1) per projection shape: the base GEMV, the
-LoRA path in PyTorch ops (what a compiled graph runs unfused), Kernel D for one row split over K with each
-setting of ``ONE_ROW_TILES`` (what runs for M = 1), and the tiled Kernel D with each small tile of ``DECODE_TILES``; the line "layer" sums the 7 projections of one layer. With ``--cold`` each call reads the next
+LoRA path in PyTorch ops (what a compiled graph runs unfused), and Kernel D forward with each small tile of
+``DECODE_TILES``; the line "layer" sums the 7 projections of one layer. With ``--cold`` each call reads the next
 of several copies of the weights (512 MiB in all), so they come from HBM as in a model's decoding step; without
 it a lone matrix of a few MiB stays in the L2 cache between calls.
 
@@ -57,9 +57,6 @@ DECODE_TILES = [(16, 16, 256, 2, 3), (16, 16, 512, 4, 3), (16, 32, 256, 4, 3), (
                 (16, 64, 128, 4, 3), (16, 64, 256, 4, 3), (16, 128, 64, 4, 4), (16, 16, 128, 1, 4)]
 COLD_BYTES = 512 * 2**20  # weight copies cycled through with --decode --cold: well over any L2 cache
 SMALL_TILES = [(16, 64, 128, 4, 3), (16, 128, 64, 4, 4), (16, 32, 256, 4, 3), (16, 64, 64, 2, 4)]
-# one row split over K (linear_kernels._ONE_ROW): (BN, BK, num_warps, programs aimed at)
-ONE_ROW_TILES = [(64, 128, 4, 512), (32, 128, 4, 512), (64, 256, 4, 256), (128, 64, 4, 512), (64, 128, 4, 1024),
-                 (32, 256, 4, 1024), (64, 64, 2, 1024)]
 
 
 def gpu_ms(fn, reps: int) -> float:
@@ -161,7 +158,7 @@ def decode(lk, r: int, reps: int, cold: bool = False) -> dict:
     dev, dt = torch.device("cuda"), torch.bfloat16
     layer = {"q": (2048, 2048), "k": (256, 2048), "v": (256, 2048), "o": (2048, 2048), "gate": (5632, 2048),
              "up": (5632, 2048), "down": (2048, 5632)}
-    saved = lk._DECODE, lk._DECODE_WIDE, lk._ONE_ROW
+    saved = lk._DECODE, lk._DECODE_WIDE
     out = {}
     try:
         for name, (N, K) in layer.items():
@@ -191,14 +188,6 @@ def decode(lk, r: int, reps: int, cold: bool = False) -> dict:
                 return lk.forward(x, W, None, A, B, False)
 
             rows = {"base": graph_us(base, reps), "pytorch_ops": graph_us(pytorch_ops, reps)}
-            for tiles in ONE_ROW_TILES:
-                lk._ONE_ROW = tiles
-                lk._ONE_ROW_PLANS.clear()
-                try:
-                    rows[f"split {tiles}"] = graph_us(kernel_d, reps)
-                except Exception as exc:
-                    rows[f"split {tiles}"] = repr(exc)[:120]
-            lk._ONE_ROW = None  # the tiled Kernel D below
             for tiles in DECODE_TILES:
                 lk._DECODE = lk._DECODE_WIDE = tiles
                 lk._FORWARD_PLANS.clear()
@@ -208,9 +197,8 @@ def decode(lk, r: int, reps: int, cold: bool = False) -> dict:
                     rows[str(tiles)] = repr(exc)[:120]
             out[name] = rows
     finally:
-        lk._DECODE, lk._DECODE_WIDE, lk._ONE_ROW = saved
+        lk._DECODE, lk._DECODE_WIDE = saved
         lk._FORWARD_PLANS.clear()
-        lk._ONE_ROW_PLANS.clear()
     keys = [k for k in out["q"] if all(isinstance(out[n][k], float) for n in out)]
     out["layer"] = {k: sum(out[n][k] for n in layer) for k in keys}
     for name, rows in out.items():

@@ -13,14 +13,6 @@ Kernel E, input gradient:  ``dx = g W + round(g B) A`` in one launch, the same s
     over N: the programs own BM×BK tiles of dx and the first column tile stores ``gB = round(g B)``
     (M×r), which the backward needs for dA.
 
-Kernel D for one row (decoding, M = 1): ``_decode_kernel`` splits K over S programs per tile of BN outputs, so
-    that a GEMV of a few MiB fills the GPU in one short wave instead of one long serial loop per program. Each
-    program stores its float32 partial sums of x·Wᵀ (BN) and x·Aᵀ (r); a counter per tile tells the last program
-    to finish, which adds the S partials in the fixed order s = 0..S-1 (the bits never depend on timing), rounds
-    h and adds h·Bᵀ and the bias, and resets the counter. The counters live in one buffer per (device, stream):
-    calls on one stream run in order, so no two calls share a counter in flight (two streams running the same
-    shapes concurrently each have their own buffer).
-
 Both accumulate in float32; float32 inputs use IEEE products (no TF32). The weight gradients of A and
 B (``dA = gBᵀ x``, ``dB = gᵀ h``) are two small GEMMs, left to cuBLAS by the caller. Tiles are masked,
 so any M, N, K and 1 ≤ r ≤ R_MAX work; strides are free (views of θ_D for A and B included).
@@ -151,75 +143,6 @@ def _dgrad_kernel(
     tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=live_m[:, None] & live_k[None, :])
 
 
-# tl.reduce with this module's own combine function, not tl.sum (a @triton.jit helper made in one mode when
-# triton is imported; see mixed_kernels): the interpreted variant takes the standard library's, which the
-# interpreter recognises.
-@triton.jit
-def _add(a, b):
-    return a + b
-
-
-if type(_add).__name__ == "InterpretedFunction":
-    _add = getattr(tl.standard, "_sum_combine", _add)
-
-
-@triton.jit
-def _decode_kernel(
-    x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, y_ptr, h_ptr, part_ptr, count_ptr,
-    N, K, r, S, CHUNK,
-    sxk, swn, swk, sar, sak, sbn, sbr,
-    HAS_BIAS: tl.constexpr, WRITE_H: tl.constexpr, R: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-):
-    """Kernel D for one row, split over K. Program (t, s) takes BN outputs and the s-th chunk of K (CHUNK
-    values): partial sums of x·Wᵀ and of x·Aᵀ in float32, stored in ``part`` (per tile: S rows of BN + R).
-    The last program of tile t to finish (a counter per tile, reset by it) adds the S partials in the order
-    s = 0..S-1 (so the bits do not depend on timing), rounds h to the activation dtype, and writes
-    ``y = Σ x·Wᵀ + b + h·Bᵀ`` (and h, from tile 0, when WRITE_H)."""
-    pid = tl.program_id(0)
-    t = pid // S
-    s = pid % S
-    rn = t * BN + tl.arange(0, BN)
-    rr = tl.arange(0, R)
-    rk = tl.arange(0, BK)
-    live_n = rn < N
-    live_r = rr < r
-    w_rows = w_ptr + rn.to(tl.int64)[:, None] * swn
-    acc = tl.full((BN, BK), 0.0, tl.float32)
-    hacc = tl.full((R, BK), 0.0, tl.float32)
-    k_first = s * CHUNK
-    for k0 in range(k_first, k_first + CHUNK, BK):
-        kk = k0 + rk
-        live_k = kk < K
-        xv = tl.load(x_ptr + kk * sxk, mask=live_k, other=0.0).to(tl.float32)
-        wt = tl.load(w_rows + kk[None, :] * swk, mask=live_n[:, None] & live_k[None, :], other=0.0)
-        at = tl.load(a_ptr + rr[:, None] * sar + kk[None, :] * sak, mask=live_r[:, None] & live_k[None, :], other=0.0)
-        acc += wt.to(tl.float32) * xv[None, :]
-        hacc += at.to(tl.float32) * xv[None, :]
-    tile = part_ptr + t.to(tl.int64) * S * (BN + R)
-    tl.store(tile + s * (BN + R) + tl.arange(0, BN), tl.reduce(acc, 1, _add))
-    tl.store(tile + s * (BN + R) + BN + rr, tl.reduce(hacc, 1, _add))
-    tl.debug_barrier()  # every thread's partials stored before the release below
-    arrived = tl.atomic_add(count_ptr + t, 1, sem="acq_rel")
-    if arrived == S - 1:
-        ysum = tl.full((BN,), 0.0, tl.float32)
-        hsum = tl.full((R,), 0.0, tl.float32)
-        for j in range(0, S):
-            ysum += tl.load(tile + j * (BN + R) + tl.arange(0, BN), cache_modifier=".cg")
-            hsum += tl.load(tile + j * (BN + R) + BN + rr, cache_modifier=".cg")
-        h = hsum.to(y_ptr.dtype.element_ty)
-        if WRITE_H:
-            if t == 0:
-                tl.store(h_ptr + rr, h, mask=live_r)
-        h = h.to(tl.float32)
-        bt = tl.load(b_ptr + rn.to(tl.int64)[:, None] * sbn + rr[None, :] * sbr,
-                     mask=live_n[:, None] & live_r[None, :], other=0.0)
-        ysum += tl.reduce(bt.to(tl.float32) * h[None, :], 1, _add)
-        if HAS_BIAS:
-            ysum += tl.load(bias_ptr + rn, mask=live_n, other=0.0).to(tl.float32)
-        tl.store(y_ptr + rn, ysum.to(y_ptr.dtype.element_ty), mask=live_n)
-        tl.atomic_xchg(count_ptr + t, 0)  # ready for the next call (and the next replay of a captured graph)
-
-
 # -- launch wrappers ------------------------------------------------------------------------------
 
 
@@ -236,7 +159,6 @@ def for_device(device: torch.device | str):
 
 _FORWARD = triton_modes.FastLauncher(_forward_kernel)
 _DGRAD = triton_modes.FastLauncher(_dgrad_kernel)
-_DECODE_ONE = triton_modes.FastLauncher(_decode_kernel)
 
 # (BM, BN, BK, num_warps, num_stages) by output rows: the best of benchmarks/linear_kernels.py on an H100.
 # Changing them needs _FORWARD_PLANS / _DGRAD_PLANS cleared (the plans remember the tiles).
@@ -300,84 +222,11 @@ _FORWARD_PLANS: dict = {}
 _DGRAD_PLANS: dict = {}
 
 
-# One row (M = 1, decoding): Kernel D split over K (``_decode_kernel``), (BN, BK, num_warps, programs
-# aimed at); None: the tiled Kernel D. Each tile's arrival counter lives in a buffer per (device, stream), zero
-# between calls (the last program of a tile resets it), so calls in stream order never share one in flight.
-_ONE_ROW = (64, 128, 4, 512)
-_ONE_ROW_INTERPRETED = (16, 16, 1, 8)
-_COUNTERS: dict = {}
-_COUNTER_SLOTS = 1 << 14
-
-
-def _one_row_plan(N: int, K: int) -> tuple[int, int, int, int, int] | None:
-    """(BN, BK, warps, S, CHUNK) for one row of an N×K weight, or None when Kernel D's tiles take it."""
-    tiles = _ONE_ROW_INTERPRETED if interpreted() else _ONE_ROW
-    if tiles is None:
-        return None
-    bn, bk, warps, target = tiles
-    n_tiles = -(-N // bn)
-    if n_tiles > _COUNTER_SLOTS or K == 0:
-        return None
-    steps = -(-K // bk)
-    splits = min(steps, max(1, -(-target // n_tiles)))
-    chunk = -(-steps // splits) * bk
-    return bn, bk, warps, -(-K // chunk), chunk
-
-
-def _counters(device: torch.device) -> torch.Tensor:
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (device, stream)
-    counters = _COUNTERS.get(key)
-    if counters is None:
-        counters = _COUNTERS[key] = torch.zeros(_COUNTER_SLOTS, dtype=torch.int32, device=device)
-    return counters
-
-
-_ONE_ROW_PLANS: dict = {}
-
-
-def _forward_one_row(x, weight, bias, A, B, keep_h: bool) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-    """Kernel D for M = 1 split over K, or None when ``_one_row_plan`` leaves the shape to the tiled kernel."""
-    key = _fast_key(_DECODE_ONE, x, weight, bias, A, B, keep_h)
-    plan = _ONE_ROW_PLANS.get(key) if key is not None else None
-    if plan is not None and _DECODE_ONE.cached(key) is not None:
-        compiled, grid0, ints, N, r, size = plan
-        y = x.new_empty((1, N))
-        h = x.new_empty((1, r)) if keep_h else y
-        part = torch.empty(size, dtype=torch.float32, device=x.device)
-        _DECODE_ONE.run(compiled, grid0, key[-1], x, weight, weight if bias is None else bias, A, B, y, h, part,
-                        _counters(x.device), *ints)
-        return y, (h if keep_h else None)
-    _check(x, weight, A, B)
-    N, K = weight.shape
-    tiles = _one_row_plan(N, K)
-    if tiles is None:
-        return None
-    bn, bk, warps, splits, chunk = tiles
-    r = A.shape[0]
-    R = _padded_rank(r)
-    n_tiles = -(-N // bn)
-    y = torch.empty((1, N), dtype=x.dtype, device=x.device)
-    h = torch.empty((1, r), dtype=x.dtype, device=x.device) if keep_h else y
-    part = torch.empty(n_tiles * splits * (bn + R), dtype=torch.float32, device=x.device)
-    args = (x, weight, weight if bias is None else bias, A, B, y, h, part, _counters(x.device), N, K, r, splits,
-            chunk, x.stride(1), *weight.stride(), *A.stride(), *B.stride(), bias is not None, keep_h, R, bn, bk)
-    _DECODE_ONE.launch(key, (n_tiles * splits,), x.device, *args, num_warps=warps, num_stages=1)
-    if key is not None and key in _DECODE_ONE.compiled:
-        _ONE_ROW_PLANS[key] = (_DECODE_ONE.compiled[key], n_tiles * splits, args[9:], N, r, part.numel())
-    return y, (h if keep_h else None)
-
-
 def forward(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor, B: torch.Tensor, keep_h: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Kernel D: ``(y, h)`` with ``y = x Wᵀ + b + round(x Aᵀ) Bᵀ`` (M×N) and ``h = round(x Aᵀ)`` (M×r,
-    contiguous) when ``keep_h``, else None. x: M×K, W: N×K, A: r×K, B: N×r, bias: N or None. One row runs
-    split over K (``_decode_kernel``)."""
-    if x.shape[0] == 1:
-        out = _forward_one_row(x, weight, bias, A, B, keep_h)
-        if out is not None:
-            return out
+    contiguous) when ``keep_h``, else None. x: M×K, W: N×K, A: r×K, B: N×r, bias: N or None."""
     key = _fast_key(_FORWARD, x, weight, bias, A, B, keep_h)
     plan = _FORWARD_PLANS.get(key) if key is not None else None
     if plan is not None and _FORWARD.cached(key) is not None:
