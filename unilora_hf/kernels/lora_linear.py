@@ -14,18 +14,19 @@ accumulating into another) and the two small GEMMs for dA and dB, on cuBLAS. Ker
 one launch) is the alternative backward (``_KERNEL_E``); it measured slower than these GEMMs in a
 training step on an H100, so it is off.
 
-On the ``reference`` backend the layer is the same maths in PyTorch ops with autograd's own backward:
-``_base_plus_lora`` (``y = (x Aᵀ) Bᵀ + b``, then ``y += x Wᵀ`` in place by the base GEMM) and ``_dx`` for
-``dx``. Under ``torch.compile``, where autograd records or more than ``COMPILED_FUSED_ROWS`` rows come (for those
-shapes cuBLAS's GEMMs plus the two small LoRA GEMMs measured faster than Kernel D), the layer is the custom op
-``unilora_hf::frozen_linear_lora`` (``_base_plus_lora``), its backward's dx the op
-``unilora_hf::frozen_linear_lora_dx`` (``_dx``), dA and dB traced GEMMs. Traced as plain ops instead, each in-place
+On the ``reference`` backend the layer is the same maths in PyTorch ops with autograd's own backward, summed
+as PEFT sums it (``_peft_order``: ``y = F.linear(x, W, b)``, then ``y += h Bᵀ`` in place), so that its outputs
+equal PEFT's bit for bit. Under ``torch.compile``, where autograd records or more than ``COMPILED_FUSED_ROWS``
+rows come (for those shapes cuBLAS's GEMMs plus the two small LoRA GEMMs measured faster than Kernel D), the
+layer is the custom op ``unilora_hf::frozen_linear_lora``, its backward's dx the op
+``unilora_hf::frozen_linear_lora_dx``, dA and dB traced GEMMs. Traced as plain ops instead, each in-place
 ``addmm_`` would become an out-of-place ``addmm`` that first copies its M×N input into a new buffer: one more
-read and write of every projection's output per step. Compiled inference on at most ``COMPILED_FUSED_ROWS``
-rows (decoding) calls Kernel D through the custom op ``unilora_hf::frozen_linear_lora_inference`` (a fake
-implementation gives its shape): one kernel per layer instead of three, the same bits as the eager layer, and a
-CUDA graph captures it. Every product accumulates in float32; h and gB are rounded to the activation dtype, as
-the unfused ops store them.
+read and write of every projection's output per step. Both ops (and Kernel D's cuBLAS backward) put the rank-r
+product first and let the base GEMM add it in its epilogue (``_base_plus_lora``, ``_dx``). Compiled inference
+on at most ``COMPILED_FUSED_ROWS`` rows (decoding) calls Kernel D through the custom op
+``unilora_hf::frozen_linear_lora_inference`` (a fake implementation gives its shape): one kernel per layer
+instead of three, the same bits as the eager layer, and a CUDA graph captures it. Every product accumulates in
+float32; h and gB are rounded to the activation dtype, as the unfused ops store them.
 
 ``add_lora(result, x, A, B)`` is the general path (any base layer, dropout on the LoRA input):
 ``result + (x Aᵀ) Bᵀ`` as one GEMM into a new tensor. ``reference.lora_forward`` is the oracle of both.
@@ -87,6 +88,13 @@ def _base_plus_lora(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     return low.addmm_(x2, weight.t())
 
 
+def _peft_order(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, h: torch.Tensor,
+                B: torch.Tensor) -> torch.Tensor:
+    """``x Wᵀ + b + h Bᵀ`` summed as PEFT sums it (the base output, then the LoRA term added to it): the eager
+    reference path, whose outputs equal PEFT's bit for bit on the same adapter (tests/test_conformance.py)."""
+    return F.linear(x2, weight, bias).addmm_(h, B.t())
+
+
 def _dx(g: torch.Tensor, weight: torch.Tensor, gB: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
     """``g W + gB A`` (M×K), ordered as ``_base_plus_lora``: gB A first, g W's GEMM adds it."""
     return (gB @ A).addmm_(g, weight)
@@ -131,7 +139,7 @@ def _inference_op(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     """Kernel D's ``x Wᵀ + b + round(x Aᵀ) Bᵀ`` (M×N) for compiled inference; x2: M×K. Not differentiable."""
     kernels = fused_kernels(x2.device)
     if kernels is None:  # the backend changed since tracing: the same maths in PyTorch ops
-        return _base_plus_lora(x2, weight, bias, x2 @ A.t(), B)
+        return _peft_order(x2, weight, bias, x2 @ A.t(), B)
     return kernels.forward(x2.contiguous(), weight.contiguous(), bias, A.contiguous(), B.contiguous(), keep_h=False)[0]
 
 
@@ -151,8 +159,9 @@ def _compiled_inference_fused(x2: torch.Tensor, A: torch.Tensor, B: torch.Tensor
 @torch.library.custom_op("unilora_hf::frozen_linear_lora", mutates_args=())
 def _compiled_op(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor,
                  B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(y, h) with ``h = x Aᵀ`` (M×r) and ``y = x Wᵀ + b + h Bᵀ`` (M×N), h Bᵀ added by its GEMM in place into y:
-    the bits of the eager reference path. h is kept for dB (and differentiable, for a double backward)."""
+    """(y, h) with ``h = x Aᵀ`` (M×r) and ``y = x Wᵀ + b + h Bᵀ`` (M×N) by ``_base_plus_lora``: the eager reference
+    path's maths with the float sums in another order. h is kept for dB (and differentiable, for a double
+    backward)."""
     h = x2 @ A.t()
     return _base_plus_lora(x2, weight, bias, h, B), h
 
@@ -245,7 +254,7 @@ def frozen_linear_lora(
         else:
             y = kernels.forward(x2, weight, bias, A, B, keep_h=False)[0]
     else:
-        y = _base_plus_lora(x2, weight, bias, x2 @ A.t(), B)
+        y = _peft_order(x2, weight, bias, x2 @ A.t(), B)
     return y.view(*x.shape[:-1], y.shape[-1])
 
 
