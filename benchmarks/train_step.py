@@ -88,7 +88,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                               ("warmup", 3, 1), ("steps", 10, 2)):
         if getattr(args, name) is None:
             setattr(args, name, small if tiny else full)
-    args.rows = [k for k in ROWS if k != "unilora_hf_after"] if args.only is None else [k.strip() for k in args.only.split(",") if k.strip()]
+    if args.only is None:
+        args.rows = [k for k in ROWS if k != "unilora_hf_after"]
+    else:
+        args.rows = [k.strip() for k in args.only.split(",") if k.strip()]
     unknown = [k for k in args.rows if k not in ROWS]
     if unknown or not args.rows:
         p.error(f"--only {args.only!r}: unknown row(s) {unknown}; rows are {','.join(ROWS)}")

@@ -65,8 +65,8 @@ class UniLoraLinear(nn.Module):
 
     def _frozen_plain_weights(self, base: nn.Module, x: torch.Tensor):
         """(W, b) when ``base`` is a plain nn.Linear with frozen W, b matching x's dtype and device (and
-        no active dropout, no autocast to another dtype than x's), else None. Module attributes are read from their dicts: this
-        runs once per layer call, on the CPU critical path of a training step."""
+        no active dropout, no autocast to another dtype than x's), else None. Module attributes are read
+        from their dicts: this runs once per layer call, on the CPU critical path of a training step."""
         if type(base) is not nn.Linear:
             return None
         weight, bias = base._parameters["weight"], base._parameters["bias"]

@@ -159,9 +159,9 @@ def _compiled_inference_fused(x2: torch.Tensor, A: torch.Tensor, B: torch.Tensor
 @torch.library.custom_op("unilora_hf::frozen_linear_lora", mutates_args=())
 def _compiled_op(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor,
                  B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(y, h) with ``h = x Aᵀ`` (M×r) and ``y = x Wᵀ + b + h Bᵀ`` (M×N) by ``_base_plus_lora``: the eager reference
-    path's maths with the float sums in another order. h is kept for dB (and differentiable, for a double
-    backward)."""
+    """(y, h) with ``h = x Aᵀ`` (M×r) and ``y = x Wᵀ + b + h Bᵀ`` (M×N) by ``_base_plus_lora``: the eager
+    reference path's maths with the float sums in another order. h is kept for dB (and differentiable, for a
+    double backward)."""
     h = x2 @ A.t()
     return _base_plus_lora(x2, weight, bias, h, B), h
 
