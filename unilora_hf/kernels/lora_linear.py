@@ -194,9 +194,7 @@ def _compiled_dx_backward(ctx, u, v):
     gradient reaching gB, so dg = u Wᵀ + w Bᵀ, dA = gBᵀ u, dB = gᵀ w (W frozen)."""
     g, weight, A, B, gB = ctx.saved_tensors
     need_g, _, need_A, need_B = ctx.needs_input_grad
-    if u is None:
-        u = g.new_zeros((g.shape[0], weight.shape[1]))
-    w = u @ A.t() if v is None else torch.addmm(v, u, A.t())
+    w = torch.addmm(v, u, A.t())  # u and v are materialised (zeros for an unused output)
     dg = (w @ B.t()).addmm_(u, weight.t()) if need_g else None
     return dg, None, gB.t() @ u if need_A else None, g.t() @ w if need_B else None
 
