@@ -11,7 +11,8 @@ onto the base already on the device; "merge s" the time to merge it into the wei
 Rows (``--only`` picks some): ``base``; ``unilora_hf_merged`` (``UniLoraAutoModel.from_pretrained``, then
 ``get_adapter(model).merge()``: wrappers stay, for hot-swapping); ``unilora_hf_unloaded``
 (``from_pretrained(..., merge=True)``: merged and unwrapped, a plain transformers model; its attach time
-includes the merge); ``unilora_hf_unmerged``; ``peft_lora`` (``PeftModel.from_pretrained``, unmerged);
+includes the merge); ``unilora_hf_unmerged``; ``unilora_hf_ungrouped`` (unmerged, sibling layers not sharing a
+launch); ``peft_lora`` (``PeftModel.from_pretrained``, unmerged);
 ``peft_unilora`` (unmerged); ``peft_unilora_merged`` (``merge_adapter()``); ``base_again`` (the base
 measured once more at the end, to show drift of the device over the run).
 Checks recorded per row: the largest change of the prompt's last-token logits against the base (a live
@@ -22,12 +23,17 @@ adapter changes them), and for merged rows the largest difference against the sa
 
 ``--compile``: decoding as users make it fast: ``generate(..., cache_implementation="static")``, which on CUDA
 compiles the decoding step (transformers' default ``compile_config``: CUDA graphs, ``reduce-overhead``). Rows
-``base``, ``unilora_hf_merged``, ``unilora_hf_unmerged`` and ``peft_lora`` are all resident; each is warmed up
-(compilation) and then timed over ``--rounds`` (3) interleaved rounds (A B C D A B C D ...): per round and row
+``base``, ``unilora_hf_merged``, ``unilora_hf_unmerged``, ``unilora_hf_ungrouped`` (unmerged, with the sibling
+layers q/k/v and gate/up launched one by one: the A/B of their shared launch) and ``peft_lora`` are all resident;
+each is warmed up (compilation) and then timed over ``--rounds`` (3) interleaved rounds (A B C D A B C D ...): per round and row
 one generate of ``--new-tokens`` and one of 1 token; time per decoded token = (t_N - t_1) / (N - 1). Reported:
 the median over rounds, the spread, and the ratio to the base's time per token.
 
     python benchmarks/inference.py --compile --out results/inference_compile.json
+
+``--compile --profile``: after the rounds, per row the CUDA kernels of one decoded token, grouped by name: one
+generate of ``--new-tokens`` and one of 1 token under ``torch.profiler``, their difference divided by N - 1
+(calls and GPU µs per token, and the GPU busy time per token: what the graph's kernels cost, without the host).
 """
 
 from __future__ import annotations
@@ -46,15 +52,17 @@ ROWS = {
     "unilora_hf_merged": "unilora_hf, merged (merge())",
     "unilora_hf_unloaded": "unilora_hf, merged and unloaded",
     "unilora_hf_unmerged": "unilora_hf, unmerged",
+    "unilora_hf_ungrouped": "unilora_hf, unmerged, one launch per layer (siblings not grouped)",
     "peft_lora": "PEFT LoRA, unmerged",
     "peft_unilora": "PEFT UniLoRA, unmerged",
     "peft_unilora_merged": "PEFT UniLoRA, merged (merge_adapter())",
     "base_again": "base model (again, at the end)",
 }
-COMPILED_ROWS = ("base", "unilora_hf_merged", "unilora_hf_unmerged", "peft_lora")
+COMPILED_ROWS = ("base", "unilora_hf_merged", "unilora_hf_unmerged", "unilora_hf_ungrouped", "peft_lora")
 # Which saved adapter each row loads, and which unmerged row its merged output is compared with.
 ADAPTER_OF = {"unilora_hf_merged": "unilora_hf", "unilora_hf_unloaded": "unilora_hf",
-              "unilora_hf_unmerged": "unilora_hf", "peft_lora": "peft_lora", "peft_unilora": "peft_unilora",
+              "unilora_hf_unmerged": "unilora_hf", "unilora_hf_ungrouped": "unilora_hf", "peft_lora": "peft_lora",
+              "peft_unilora": "peft_unilora",
               "peft_unilora_merged": "peft_unilora"}
 UNMERGED_OF = {"unilora_hf_merged": "unilora_hf_unmerged", "unilora_hf_unloaded": "unilora_hf_unmerged",
                "peft_unilora_merged": "peft_unilora"}
@@ -69,6 +77,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--only", default=None, help=f"comma-separated rows out of {','.join(ROWS)}")
     p.add_argument("--compile", action="store_true", help="static cache + compiled decoding, rows interleaved")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds with --compile (default 3)")
+    p.add_argument("--profile", action="store_true", help="with --compile: CUDA kernels per decoded token, per row")
+    p.add_argument("--top", type=int, default=25, help="with --profile: kernel names listed per row")
     args = p.parse_args(argv)
     if args.compile and args.only is None:
         args.only = ",".join(COMPILED_ROWS)
@@ -87,6 +97,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--prompt, --new-tokens, --repeats, --gen-repeats and --rounds must be >= 1")
     if args.compile and args.new_tokens < 2:
         p.error("--compile needs --new-tokens >= 2 (time per token is (t_N - t_1) / (N - 1))")
+    if args.profile and not args.compile:
+        p.error("--profile needs --compile")
     if args.compile and not set(args.rows) <= set(COMPILED_ROWS):
         p.error(f"--compile runs the rows {','.join(COMPILED_ROWS)} only")
     return args
@@ -131,6 +143,8 @@ def attach(key: str, base, folder: Path | None) -> tuple[torch.nn.Module, dict]:
             lambda: UniLoraAutoModel.from_pretrained(base, folder, merge=merge_on_load), device)
         if key == "unilora_hf_merged":
             times["merge_s"], _ = common.timed(lambda: get_adapter(model).merge(), device)
+        if key == "unilora_hf_ungrouped":  # the A/B of siblings.py: q/k/v and gate/up as one launch each
+            get_adapter(model)._group_siblings(False)
         return model, times
     from peft import PeftModel
 
@@ -218,6 +232,9 @@ def run_compiled(args, cfg, device, dtype, folders, prompt, record: dict) -> Non
             rec["rounds_ms_per_token"].append((t_n - t_1) / (n - 1) * 1e3)
             rec.setdefault("generate_all_s", []).append(t_n)
         print(f"[{time.strftime('%H:%M:%S')}] round {r + 1}/{args.rounds} done", flush=True)
+    if args.profile:
+        for key, (model, rec) in models.items():
+            rec["per_token_kernels"] = kernels_per_token(model, kwargs, n, args.top)
     for key, (model, rec) in models.items():
         per = rec["rounds_ms_per_token"]
         rec["ms_per_token"] = statistics.median(per)
@@ -248,6 +265,31 @@ def run_compiled(args, cfg, device, dtype, folders, prompt, record: dict) -> Non
     print(f"\n### Decoding with a static cache, compiled: {s['size']} Llama shape, {s['dtype']}, prompt {s['prompt']}, "
           f"{s['new_tokens']} new tokens, {args.rounds} interleaved rounds; {record['environment']['device_name']}\n")
     common.print_footer(headers, table, record)
+    for key, rec in record["rows"].items():
+        if "per_token_kernels" in rec:
+            k = rec["per_token_kernels"]
+            print(f"\n{key}: {k['kernels']:.1f} kernels and {k['gpu_busy_us']:.1f} GPU µs per token; top (calls, µs):")
+            for t in k["top"]:
+                print(f"  {t['calls']:7.2f} {t['gpu_us']:9.2f}   {t['name']}")
+
+
+def kernels_per_token(model, kwargs: dict, n: int, top: int) -> dict:
+    """CUDA kernels of one decoded token: (generate of n tokens) - (generate of 1), divided by n - 1."""
+    from torch.profiler import ProfilerActivity, profile
+
+    counts = []
+    activity = ProfilerActivity.CUDA if model.device.type == "cuda" else ProfilerActivity.CPU  # CPU: no kernels
+    for tokens in (n, 1):
+        with torch.no_grad(), profile(activities=[activity]) as prof:
+            model.generate(**kwargs, max_new_tokens=tokens, min_new_tokens=tokens)
+            common.sync(model.device)
+        counts.append(common.kernels_by_name(prof))
+    full, one = counts
+    per = {name: ((c - one.get(name, [0, 0.0])[0]) / (n - 1), 1e3 * (t - one.get(name, [0, 0.0])[1]) / (n - 1))
+           for name, (c, t) in full.items()}
+    ranked = sorted(per.items(), key=lambda kv: -kv[1][1])
+    return {"kernels": sum(c for c, _ in per.values()), "gpu_busy_us": sum(t for _, t in per.values()),
+            "top": [{"name": k, "calls": c, "gpu_us": t} for k, (c, t) in ranked[:top]]}
 
 
 def main(argv=None) -> dict:
@@ -272,7 +314,8 @@ def main(argv=None) -> dict:
         needed = {ADAPTER_OF[k] for k in args.rows if k in ADAPTER_OF}
         folders = save_adapters(needed, cfg, args, device, dtype, Path(tmp))
         if args.compile:
-            record["settings"].update(compile=True, rounds=args.rounds, cache_implementation="static")
+            record["settings"].update(compile=True, rounds=args.rounds, cache_implementation="static",
+                                      profile=args.profile)
             run_compiled(args, cfg, device, dtype, folders, prompt, record)
             common.write_json(args.out, record)
             return record

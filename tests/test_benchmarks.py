@@ -174,7 +174,7 @@ def test_static_cache_interleaved_record(results):
     rec = results["static"]
     rows, s = rec["rows"], rec["settings"]
     _no_errors(rows)
-    assert list(rows) == ["base", "unilora_hf_merged", "unilora_hf_unmerged", "peft_lora"]
+    assert list(rows) == ["base", "unilora_hf_merged", "unilora_hf_unmerged", "unilora_hf_ungrouped", "peft_lora"]
     assert s["compile"] is True and s["rounds"] == 2 and s["cache_implementation"] == "static"
     for row in rows.values():
         assert len(row["rounds_ms_per_token"]) == 2 and row["ms_per_token"] > 0
@@ -183,7 +183,8 @@ def test_static_cache_interleaved_record(results):
     merged, unmerged = rows["unilora_hf_merged"], rows["unilora_hf_unmerged"]
     assert unmerged["max_logit_change_vs_base"] > 1e-5
     assert merged["max_logit_change_vs_base"] == pytest.approx(unmerged["max_logit_change_vs_base"], rel=1e-2)
-    assert merged["first_tokens"] == unmerged["first_tokens"]
+    assert merged["first_tokens"] == unmerged["first_tokens"] == rows["unilora_hf_ungrouped"]["first_tokens"]
+    assert rows["unilora_hf_ungrouped"]["max_logit_change_vs_base"] == unmerged["max_logit_change_vs_base"]
 
 
 @pytest.mark.slow

@@ -208,8 +208,31 @@ def _fused_op_calls(model, ids, training: bool, dynamic: bool | None = None) -> 
     with interpreter_switch(True), force_backend("triton"), torch.set_grad_enabled(training):
         want = model(input_ids=ids).logits
         got = torch.compile(model, backend=capture, dynamic=dynamic)(input_ids=ids).logits
-    calls = sum("frozen_linear_lora_inference" in str(node.target) for gm in graphs for node in gm.graph.nodes)
+    calls = 0  # adapted layers computed by the op: one per single-layer call, one per member of a group call
+    for node in (n for gm in graphs for n in gm.graph.nodes):
+        if "frozen_linear_lora_inference_group" in str(node.target):
+            calls += len(node.args[1])
+        elif "frozen_linear_lora_inference" in str(node.target):
+            calls += 1
     return calls, got, want
+
+
+def _op_nodes(model, ids) -> dict[str, int]:
+    """Calls of each inference op in the graph traced for few-row inference (triton backend forced)."""
+    from unilora_hf.kernels import force_backend
+    from unilora_hf.kernels.triton_modes import interpreter_switch
+
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    dynamo.reset()
+    with interpreter_switch(True), force_backend("triton"), torch.no_grad():
+        torch.compile(model.eval(), backend=capture, fullgraph=True)(input_ids=ids)
+    names = [str(n.target) for gm in graphs for n in gm.graph.nodes if "unilora_hf" in str(n.target)]
+    return {name: names.count(name) for name in set(names)}
 
 
 def test_compiled_decoding_runs_kernel_d_as_one_op_per_layer():
@@ -224,6 +247,18 @@ def test_compiled_decoding_runs_kernel_d_as_one_op_per_layer():
     calls, got, want = _fused_op_calls(model, tokens(model, 1, 3), training=True)
     assert calls == 0
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_decoding_runs_sibling_layers_as_one_launch():
+    """q/k/v and gate/up read the same input: while decoding, each set is one call of the group op (4 launches per
+    decoder layer instead of 7), with no graph break, and the logits keep the eager bits (checked above)."""
+    model = adapted(2)
+    nodes = _op_nodes(model, tokens(model, 1, 3))
+    assert nodes == {"unilora_hf.frozen_linear_lora_inference_group": 4, "unilora_hf.frozen_linear_lora_inference": 4,
+                     "unilora_hf.project_theta_native": 1}
+    get_adapter(model)._group_siblings(False)
+    assert _op_nodes(model, tokens(model, 1, 3)) == {"unilora_hf.frozen_linear_lora_inference": 14,
+                                                     "unilora_hf.project_theta_native": 1}
 
 
 def test_compiled_decoding_with_dynamic_shapes_takes_the_op():

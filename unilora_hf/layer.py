@@ -28,6 +28,7 @@ class UniLoraLinear(nn.Module):
         self.merged = False
         # A plain reference, not a submodule: the root owns θ_d and must not become our child.
         self.__dict__["_unilora_root"] = root
+        self.__dict__["_siblings"] = None  # (SiblingGroup, index) when layers that read our input share a launch
 
     @property
     def weight(self) -> torch.Tensor:
@@ -90,6 +91,10 @@ class UniLoraLinear(nn.Module):
             return self._mixed_forward(adapter._mixed, base, x, *args, **kwargs)
         plain = None if args or kwargs else self._frozen_plain_weights(base, x)
         if plain is not None:
+            if self._siblings is not None:
+                y = self._siblings[0].forward(self._siblings[1], x)
+                if y is not None:
+                    return y
             A, B = self._pair(x.device, x.dtype)
             return lora_linear.frozen_linear_lora(x, plain[0], plain[1], A, B)
         result = base(x, *args, **kwargs)

@@ -217,6 +217,7 @@ class UniLoraAdapter:
         self._requires_grad_before: list[tuple[nn.Parameter, bool]] = []
         self._tie_configs: list[tuple[object, str]] = []
         self._first_layer: UniLoraLinear | None = None
+        self._groups: list = []  # siblings.SiblingGroup of the wrapped layers
         self._hooks: list = []
         self._forward_depth = 0
         self._training_pass = False
@@ -274,6 +275,8 @@ class UniLoraAdapter:
             self._theta_D = None
             self._views = {}
             self._refreshed = {}
+            for group in self._groups:
+                group.clear()
 
     def _drop_pass_cache(self) -> None:
         """Forget every readout (and free the inference buffers)."""
@@ -281,11 +284,22 @@ class UniLoraAdapter:
         self._views = {}
         self._refreshed = {}
         self._static = {}
+        for group in self._groups:
+            group.clear()
 
     def _find_layers(self) -> None:
         """Found once after injection, not lazily in the first pass: a compiled pass guards on these."""
         self._layer_modules = [m for _, m in self.wrapped_layers()]
         self._first_layer = self._layer_modules[0] if self._layer_modules else None
+        self._group_siblings(True)
+
+    def _group_siblings(self, enabled: bool) -> None:
+        """Whether layers that read the same input (q/k/v, gate/up) share one launch while decoding
+        (``siblings``); on by default, off for an A/B measurement. Takes effect at the next trace when compiled."""
+        from .siblings import find_groups, link
+
+        self._groups = find_groups(self.model, UniLoraLinear) if enabled else []
+        link(self._groups, self._layer_modules)
 
     def _install_hooks(self) -> None:
         self._hooks = [

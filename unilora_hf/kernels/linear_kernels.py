@@ -64,14 +64,14 @@ def _dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _forward_kernel(
-    x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, y_ptr, h_ptr,
+def _forward_tile(
+    pid_m, pid_n, x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, y_ptr, h_ptr,
     M, N, K, r,
     sxm, sxk, swn, swk, sar, sak, sbn, sbr, sym, syn,
     HAS_BIAS: tl.constexpr, WRITE_H: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    R: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr,
+    R: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):
-    pid_m, pid_n = _tile_ids(tl.program_id(0), M, N, BM, BN, GROUP)
+    """Kernel D's BM×BN tile (pid_m, pid_n) of y; the kernels below only choose the tile and the operands."""
     rm = pid_m * BM + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
     rr = tl.arange(0, R)
@@ -102,6 +102,42 @@ def _forward_kernel(
         acc += tl.load(bias_ptr + rn, mask=live_n, other=0.0).to(tl.float32)[None, :]
     y_ptrs = y_ptr + rm.to(tl.int64)[:, None] * sym + rn[None, :] * syn
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=live_m[:, None] & live_n[None, :])
+
+
+@triton.jit
+def _forward_kernel(
+    x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, y_ptr, h_ptr,
+    M, N, K, r,
+    sxm, sxk, swn, swk, sar, sak, sbn, sbr, sym, syn,
+    HAS_BIAS: tl.constexpr, WRITE_H: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    R: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr,
+):
+    pid_m, pid_n = _tile_ids(tl.program_id(0), M, N, BM, BN, GROUP)
+    _forward_tile(pid_m, pid_n, x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, y_ptr, h_ptr, M, N, K, r,
+                  sxm, sxk, swn, swk, sar, sak, sbn, sbr, sym, syn, HAS_BIAS, WRITE_H, PRECISION, UPCAST, R, BM, BN, BK)
+
+
+@triton.jit
+def _group_forward_kernel(
+    x_ptr, w0, w1, w2, bias0, bias1, bias2, a0, a1, a2, b0, b1, b2, y0, y1, y2,
+    M, N0, N1, N2, K, r, sxm, sxk,
+    HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    R: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+):
+    """Kernel D for up to three layers that read the same x (M ≤ BM rows): program p owns column tile p of the
+    outputs laid end to end, y0 then y1 then y2; W, A, B and y of each are contiguous."""
+    pid = tl.program_id(0)
+    t1 = (N0 + BN - 1) // BN
+    t2 = t1 + (N1 + BN - 1) // BN
+    if pid < t1:
+        _forward_tile(0, pid, x_ptr, w0, bias0, a0, b0, y0, y0, M, N0, K, r, sxm, sxk, K, 1, K, 1, r, 1, N0, 1,
+                      HAS_BIAS, False, PRECISION, UPCAST, R, BM, BN, BK)
+    elif pid < t2:
+        _forward_tile(0, pid - t1, x_ptr, w1, bias1, a1, b1, y1, y1, M, N1, K, r, sxm, sxk, K, 1, K, 1, r, 1, N1, 1,
+                      HAS_BIAS, False, PRECISION, UPCAST, R, BM, BN, BK)
+    else:
+        _forward_tile(0, pid - t2, x_ptr, w2, bias2, a2, b2, y2, y2, M, N2, K, r, sxm, sxk, K, 1, K, 1, r, 1, N2, 1,
+                      HAS_BIAS, False, PRECISION, UPCAST, R, BM, BN, BK)
 
 
 @triton.jit
@@ -255,6 +291,68 @@ def forward(
     return y, (h if keep_h else None)
 
 
+GROUP_MAX = 3  # layers per launch of _group_forward_kernel
+_GROUP = triton_modes.FastLauncher(_group_forward_kernel)
+
+
+def group_tiles(rows: int, K: int, outs: tuple[int, ...], r: int, dtype: torch.dtype) -> tuple[int, int, int, int, int] | None:
+    """The one tile with which ``forward_group`` runs layers of ``outs`` outputs on ``rows`` × K inputs, or None
+    when they cannot share a launch: more than GROUP_MAX layers, more than one row tile, or layers whose own
+    tiles (``forward``'s) differ. With the same tile each output equals ``forward``'s bit for bit: the same code
+    computes it."""
+    if not 1 <= len(outs) <= GROUP_MAX or not 1 <= r <= R_MAX:
+        return None
+    R = _padded_rank(r)
+    tiles = {_tiles(rows, dtype, R, N, K) for N in outs}
+    if len(tiles) != 1:
+        return None
+    tile = tiles.pop()
+    return tile if rows <= tile[0] else None
+
+
+def forward_group(
+    x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor | None], As: list[torch.Tensor],
+    Bs: list[torch.Tensor],
+) -> list[torch.Tensor]:
+    """Kernel D for layers that read the same x, in one launch: ``[x W_iᵀ + b_i + round(x A_iᵀ) B_iᵀ]``, each
+    equal bit for bit to ``forward(x, W_i, b_i, A_i, B_i, False)[0]``. x: M×K with M ≤ the decoding tile's rows;
+    W_i: N_i×K, A_i: r×K, B_i: N_i×r, all contiguous; biases all None or all given. ValueError when
+    ``group_tiles`` gives None."""
+    n = len(weights)
+    if not (n == len(biases) == len(As) == len(Bs)) or len({b is None for b in biases}) > 1:
+        raise ValueError("forward_group needs one weight, bias, A and B per layer, biases all given or all None")
+    r = As[0].shape[0]
+    tile = group_tiles(x.shape[0], x.shape[1], tuple(w.shape[0] for w in weights), r, x.dtype)
+    if tile is None or any(a.shape[0] != r for a in As):
+        raise ValueError(f"these {n} layers cannot share one launch on {tuple(x.shape)} rows (see group_tiles)")
+    for w, a, b in zip(weights, As, Bs):
+        _check(x, w, a, b)
+        if not (w.is_contiguous() and a.is_contiguous() and b.is_contiguous()):
+            raise ValueError("forward_group needs contiguous W, A and B")
+    M, K = x.shape
+    has_bias = biases[0] is not None
+    ys = [x.new_empty((M, w.shape[0])) for w in weights]
+    pad = GROUP_MAX - n
+    ws = weights + [weights[-1]] * pad
+    bs = [(b if has_bias else w) for b, w in zip(biases, weights)] + [weights[-1]] * pad
+    a_s, b_s, y_s = As + [As[-1]] * pad, Bs + [Bs[-1]] * pad, ys + [ys[-1]] * pad
+    Ns = [w.shape[0] for w in weights] + [0] * pad
+    bm, bn, bk, warps, stages = tile
+    grid0 = sum(triton.cdiv(N, bn) for N in Ns)
+    tensors = (x, *ws, *bs, *a_s, *b_s, *y_s)
+    args = (*tensors, M, *Ns, K, r, *x.stride(), has_bias, _precision(x.dtype), interpreted(), _padded_rank(r),
+            bm, bn, bk)
+    key = None  # the direct launch: every integer argument and tensor alignment fixed by the key
+    if _GROUP.direct and all(t.data_ptr() % 16 == 0 for t in tensors) and x.get_device() == torch.cuda.current_device():
+        key = (x.shape, tuple(Ns), r, x.dtype, has_bias, x.stride(), x.get_device())
+    compiled = _GROUP.cached(key) if key is not None else None
+    if compiled is not None:
+        _GROUP.run(compiled, grid0, key[-1], *args)
+    else:
+        _GROUP.launch(key, (grid0,), x.device, *args, num_warps=warps, num_stages=stages)
+    return ys
+
+
 def dgrad(
     g: torch.Tensor, weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, keep_gb: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -288,4 +386,4 @@ def dgrad(
     return dx, (gb if keep_gb else None)
 
 
-__all__ = ["R_MAX", "dgrad", "for_device", "forward", "interpreted"]
+__all__ = ["GROUP_MAX", "R_MAX", "dgrad", "for_device", "forward", "forward_group", "group_tiles", "interpreted"]

@@ -148,6 +148,60 @@ def _(x2, weight, bias, A, B):
     return x2.new_empty((x2.shape[0], weight.shape[0]))
 
 
+@torch.library.custom_op("unilora_hf::frozen_linear_lora_inference_group", mutates_args=())
+def _inference_group_op(x2: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor | None],
+                        As: list[torch.Tensor], Bs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``frozen_linear_lora_inference`` of layers that read the same x2, in one launch (``forward_group``)."""
+    kernels = fused_kernels(x2.device)
+    if kernels is None:  # the backend changed since tracing: the same maths in PyTorch ops
+        return [_peft_order(x2, w, b, x2 @ A.t(), B) for w, b, A, B in zip(weights, biases, As, Bs)]
+    return kernels.forward_group(x2.contiguous(), [w.contiguous() for w in weights], list(biases),
+                                 [A.contiguous() for A in As], [B.contiguous() for B in Bs])
+
+
+@_inference_group_op.register_fake
+def _(x2, weights, biases, As, Bs):
+    return [x2.new_empty((x2.shape[0], w.shape[0])) for w in weights]
+
+
+@torch.compiler.assume_constant_result
+def _group_tiles_fit(device: torch.device, dtype: torch.dtype, K: int, outs: tuple[int, ...], r: int) -> bool:
+    """Whether layers of ``outs`` outputs can share one Kernel D launch on at most COMPILED_FUSED_ROWS rows of K
+    inputs (one decoding tile serves every such row count): a constant of the traced graph, of weight shapes."""
+    kernels = fused_kernels(device)
+    return kernels is not None and kernels.group_tiles(COMPILED_FUSED_ROWS, K, outs, r, dtype) is not None
+
+
+def frozen_linear_lora_group(
+    x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor | None], As: list[torch.Tensor],
+    Bs: list[torch.Tensor],
+) -> list[torch.Tensor] | None:
+    """``[frozen_linear_lora(x, W_i, b_i, A_i, B_i)]`` for layers that read the same x, as one Kernel D launch
+    with the same bits, or None where that does not apply (the caller runs each layer alone): more than
+    COMPILED_FUSED_ROWS rows, autograd recording, another backend than triton, non-contiguous operands, or
+    layers whose decoding tiles differ (``linear_kernels.group_tiles``)."""
+    x2 = _flat(x)
+    rows, K = x2.shape[0], weights[0].shape[1]
+    r = As[0].shape[0]
+    if (x.dtype not in _FUSED_DTYPES or not 0 < rows <= COMPILED_FUSED_ROWS
+            or any(A.shape[0] != r for A in As) or len({b is None for b in biases}) > 1
+            or (torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in (*As, *Bs))))
+            or not all(t.is_contiguous() for t in (*weights, *As, *Bs))
+            or dispatch.resolve_backend(x.device) != "triton"):
+        return None
+    outs = tuple(w.shape[0] for w in weights)
+    if torch.compiler.is_compiling():
+        if not _group_tiles_fit(x.device, x.dtype, K, outs, r):
+            return None
+        ys = torch.ops.unilora_hf.frozen_linear_lora_inference_group(x2, weights, biases, As, Bs)
+    else:
+        kernels = fused_kernels(x.device)
+        if kernels is None or kernels.group_tiles(rows, K, outs, r, x.dtype) is None:
+            return None
+        ys = kernels.forward_group(x2.contiguous(), weights, biases, As, Bs)
+    return [y.view(*x.shape[:-1], y.shape[-1]) for y in ys]
+
+
 def _compiled_inference_fused(x2: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> bool:
     """While tracing: whether this call takes the custom op (no autograd, at most COMPILED_FUSED_ROWS rows, the
     triton backend for the device)."""

@@ -1,0 +1,100 @@
+"""Sibling layers: adapted projections that read the same input, run as one kernel launch while decoding.
+
+An attention block calls ``q_proj(x)``, ``k_proj(x)`` and ``v_proj(x)`` one after another on the same x, an MLP
+``gate_proj(x)`` and ``up_proj(x)``. While decoding (at most ``lora_linear.COMPILED_FUSED_ROWS`` rows, autograd
+not recording, the triton backend), the first sibling to run computes every sibling's output in one Kernel D
+launch (``lora_linear.frozen_linear_lora_group``: each output has the bits of that layer's own launch) and keeps
+the others'. A sibling called next with the very same x (the same tensor object, not modified in place since:
+its version counter) takes its output from there; a sibling called with any other x computes its own. Inference
+tensors (``torch.inference_mode``) and tensors traced by ``torch.compile`` have no version counter to read: there
+the same object is the test, and an in-place change of x between two siblings' calls is not seen. No group forms
+while a member has a forward pre-hook (which may change its input). What is kept is dropped when the root pass
+ends (``UniLoraAdapter._close_pass``).
+
+Only the sibling sets of ``SIBLING_NAMES`` are grouped (children of one module, with the same input width), so no
+launch is spent on a layer that is not about to read that x. One launch instead of three (or two) is measured
+faster on the GPU and costs the host less (benchmarks/RESULTS.md).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .kernels import lora_linear
+
+# Names of layers that one module calls on the same input, in the order the group computes them.
+SIBLING_NAMES = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("query", "key", "value"))
+
+
+class SiblingGroup:
+    """Adapted layers that read the same input, and the outputs computed for the ones not yet called."""
+
+    def __init__(self, members: list[nn.Module]):
+        self.members = members
+        self._x: torch.Tensor | None = None
+        self._version: int | None = None
+        self._kept: dict[int, torch.Tensor] = {}
+
+    def clear(self) -> None:
+        self._x = None
+        self._version = None
+        self._kept = {}
+
+    def forward(self, index: int, x: torch.Tensor) -> torch.Tensor | None:
+        """The output on x of ``members[index]`` (kept from an earlier sibling's launch, or computed now for all of
+        them), or None where a launch for the group does not apply (the caller runs that layer alone)."""
+        if torch.is_grad_enabled() and (x.requires_grad or self.members[index]._unilora_root.unilora_theta_d.requires_grad):
+            return None  # training: checked first, as this runs on every adapted layer call
+        if not x.dim() or x.numel() > lora_linear.COMPILED_FUSED_ROWS * x.shape[-1]:
+            return None
+        version = None if torch.compiler.is_compiling() or x.is_inference() else x._version
+        if self._x is x and self._version == version and index in self._kept:
+            y = self._kept.pop(index)
+            if not self._kept:
+                self.clear()
+            return y
+        self.clear()
+        outputs = self._run_all(x)
+        if outputs is None:
+            return None
+        self._kept = {i: y for i, y in enumerate(outputs) if i != index}
+        if self._kept:
+            self._x, self._version = x, version
+        return outputs[index]
+
+    def _run_all(self, x: torch.Tensor) -> list[torch.Tensor] | None:
+        weights, biases, As, Bs = [], [], [], []
+        if any(m._forward_pre_hooks for m in self.members):  # a hook may change a sibling's input before it runs
+            return None
+        for m in self.members:
+            plain = None if m.merged else m._frozen_plain_weights(m._modules["base_layer"], x)
+            if plain is None:
+                return None
+            A, B = m._pair(x.device, x.dtype)
+            weights.append(plain[0])
+            biases.append(plain[1])
+            As.append(A)
+            Bs.append(B)
+        return lora_linear.frozen_linear_lora_group(x, weights, biases, As, Bs)
+
+
+def find_groups(model: nn.Module, layer_type: type) -> list[SiblingGroup]:
+    """The sibling groups of ``model``: for each module, each set of ``SIBLING_NAMES`` whose children of type
+    ``layer_type`` (adapted layers) number two or more and share one input width."""
+    groups = []
+    for module in model.modules():
+        for names in SIBLING_NAMES:
+            members = [module._modules[n] for n in names if isinstance(module._modules.get(n), layer_type)]
+            if len(members) >= 2 and len({m.in_features for m in members}) == 1:
+                groups.append(SiblingGroup(members))
+    return groups
+
+
+def link(groups: list[SiblingGroup], layers: list[nn.Module]) -> None:
+    """Point each layer at its group (``layer._siblings = (group, index)``), or at None when not in ``groups``."""
+    for layer in layers:
+        layer.__dict__["_siblings"] = None
+    for group in groups:
+        for i, m in enumerate(group.members):
+            m.__dict__["_siblings"] = (group, i)
