@@ -29,7 +29,9 @@ r = 16, d = 2^19, with the permutation in uint32 (what runs for D < 2^32) and in
 
 ``--decode``: pure GPU time (CUDA graphs) of one decoding row (M = 1) per projection shape: the base GEMV, the
 LoRA path in PyTorch ops (what a compiled graph runs unfused), and Kernel D forward with each small tile of
-``DECODE_TILES``; the line "layer" sums the 7 projections of one layer. With ``--cold`` each call reads the next
+``DECODE_TILES``; the line "layer" sums the 7 projections of one layer. The sibling sets (q/k/v, gate/up) are also
+timed as one ``forward_group`` launch each, against one Kernel D launch per layer and the base GEMVs; the layer's
+sum with them is ``kernel_d_siblings_grouped``. With ``--cold`` each call reads the next
 of several copies of the weights (512 MiB in all), so they come from HBM as in a model's decoding step; without
 it a lone matrix of a few MiB stays in the L2 cache between calls.
 
@@ -201,8 +203,48 @@ def decode(lk, r: int, reps: int, cold: bool = False) -> dict:
         lk._FORWARD_PLANS.clear()
     keys = [k for k in out["q"] if all(isinstance(out[n][k], float) for n in out)]
     out["layer"] = {k: sum(out[n][k] for n in layer) for k in keys}
+    out["siblings"] = siblings_decode(lk, r, reps, cold)
+    out["layer"]["kernel_d_siblings_grouped"] = (out["siblings"]["qkv"]["grouped"] + out["siblings"]["gate_up"]["grouped"]
+                                                 + out["o"][str(lk._DECODE)] + out["down"][str(lk._DECODE)])
     for name, rows in out.items():
         print(name, {k: (round(v, 1) if isinstance(v, float) else v) for k, v in rows.items()})
+    return out
+
+
+def siblings_decode(lk, r: int, reps: int, cold: bool) -> dict:
+    """One decoding row through the sibling sets of a 1.1B layer (q/k/v: 2048/256/256 × 2048; gate/up: 2 × 5632 ×
+    2048), GPU µs: the base GEMVs, Kernel D once per layer (``forward``), and one launch for the set
+    (``forward_group``, the path of ``siblings.py``); ``cold`` as in ``decode``."""
+    dev, dt = torch.device("cuda"), torch.bfloat16
+    out = {}
+    for name, Ns in (("qkv", (2048, 256, 256)), ("gate_up", (5632, 5632))):
+        K = 2048
+        torch.manual_seed(0)
+        x = torch.randn(1, K, device=dev, dtype=dt)
+        copies = max(1, -(-COLD_BYTES // (2 * sum(Ns) * K))) if cold else 1
+        sets = [([torch.randn(N, K, device=dev, dtype=dt) * K**-0.5 for N in Ns],
+                 [(torch.randn(r, K, device=dev) * 0.01).to(dt) for _ in Ns],
+                 [(torch.randn(N, r, device=dev) * 0.01).to(dt) for N in Ns]) for _ in range(copies)]
+        turn = [0]
+
+        def nxt():
+            turn[0] += 1
+            return sets[turn[0] % copies]
+
+        def base():
+            return [F.linear(x, W) for W in nxt()[0]]
+
+        def separate():
+            Ws, As, Bs = nxt()
+            return [lk.forward(x, W, None, A, B, False)[0] for W, A, B in zip(Ws, As, Bs)]
+
+        def grouped():
+            Ws, As, Bs = nxt()
+            return lk.forward_group(x, Ws, [None] * len(Ws), As, Bs)
+
+        out[name] = {"base": graph_us(base, reps), "kernel_d_per_layer": graph_us(separate, reps),
+                     "grouped": graph_us(grouped, reps)}
+        print(name, {k: round(v, 1) for k, v in out[name].items()})
     return out
 
 

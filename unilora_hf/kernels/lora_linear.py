@@ -25,8 +25,10 @@ read and write of every projection's output per step. Both ops (and Kernel D's c
 product first and let the base GEMM add it in its epilogue (``_base_plus_lora``, ``_dx``). Compiled inference
 on at most ``COMPILED_FUSED_ROWS`` rows (decoding) calls Kernel D through the custom op
 ``unilora_hf::frozen_linear_lora_inference`` (a fake implementation gives its shape): one kernel per layer
-instead of three, the same bits as the eager layer, and a CUDA graph captures it. Every product accumulates in
-float32; h and gB are rounded to the activation dtype, as the unfused ops store them.
+instead of three, the same bits as the eager layer, and a CUDA graph captures it. ``frozen_linear_lora_group``
+runs layers that read the same x (``siblings``: q/k/v, gate/up) as one Kernel D launch, eager or through the op
+``unilora_hf::frozen_linear_lora_inference_group``, each output with its own launch's bits. Every product
+accumulates in float32; h and gB are rounded to the activation dtype, as the unfused ops store them.
 
 ``add_lora(result, x, A, B)`` is the general path (any base layer, dropout on the LoRA input):
 ``result + (x Aᵀ) Bᵀ`` as one GEMM into a new tensor. ``reference.lora_forward`` is the oracle of both.
