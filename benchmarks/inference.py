@@ -25,9 +25,9 @@ adapter changes them), and for merged rows the largest difference against the sa
 compiles the decoding step (transformers' default ``compile_config``: CUDA graphs, ``reduce-overhead``). Rows
 ``base``, ``unilora_hf_merged``, ``unilora_hf_unmerged``, ``unilora_hf_ungrouped`` (unmerged, with the sibling
 layers q/k/v and gate/up launched one by one: the A/B of their shared launch) and ``peft_lora`` are all resident;
-each is warmed up (compilation) and then timed over ``--rounds`` (3) interleaved rounds (A B C D A B C D ...): per round and row
-one generate of ``--new-tokens`` and one of 1 token; time per decoded token = (t_N - t_1) / (N - 1). Reported:
-the median over rounds, the spread, and the ratio to the base's time per token.
+each is warmed up (compilation) and then timed over ``--rounds`` (3) interleaved rounds (A B C D A B C D ...): per
+round and row one generate of ``--new-tokens`` and one of 1 token; time per decoded token = (t_N - t_1) / (N - 1).
+Reported: the median over rounds, the spread, and the ratio to the base's time per token.
 
     python benchmarks/inference.py --compile --out results/inference_compile.json
 
@@ -268,7 +268,8 @@ def run_compiled(args, cfg, device, dtype, folders, prompt, record: dict) -> Non
     for key, rec in record["rows"].items():
         if "per_token_kernels" in rec:
             k = rec["per_token_kernels"]
-            print(f"\n{key}: {k['kernels']:.1f} kernels and {k['gpu_busy_us']:.1f} GPU µs per token; top (calls, µs):")
+            print(f"\n{key}: {k['kernels']:.1f} kernels and {k['gpu_busy_us']:.1f} GPU µs per token; "
+                  "top (calls, µs):")
             for t in k["top"]:
                 print(f"  {t['calls']:7.2f} {t['gpu_us']:9.2f}   {t['name']}")
 

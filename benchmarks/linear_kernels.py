@@ -204,7 +204,8 @@ def decode(lk, r: int, reps: int, cold: bool = False) -> dict:
     keys = [k for k in out["q"] if all(isinstance(out[n][k], float) for n in out)]
     out["layer"] = {k: sum(out[n][k] for n in layer) for k in keys}
     out["siblings"] = siblings_decode(lk, r, reps, cold)
-    out["layer"]["kernel_d_siblings_grouped"] = (out["siblings"]["qkv"]["grouped"] + out["siblings"]["gate_up"]["grouped"]
+    groups = out["siblings"]
+    out["layer"]["kernel_d_siblings_grouped"] = (groups["qkv"]["grouped"] + groups["gate_up"]["grouped"]
                                                  + out["o"][str(lk._DECODE)] + out["down"][str(lk._DECODE)])
     for name, rows in out.items():
         print(name, {k: (round(v, 1) if isinstance(v, float) else v) for k, v in rows.items()})

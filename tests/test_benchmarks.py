@@ -132,8 +132,8 @@ def test_inference_record(results):
     rec = results["inference"]
     rows, s = rec["rows"], rec["settings"]
     _no_errors(rows)
-    assert list(rows) == ["base", "unilora_hf_merged", "unilora_hf_unloaded", "unilora_hf_unmerged", "peft_lora",
-                          "peft_unilora", "peft_unilora_merged", "base_again"]
+    assert list(rows) == ["base", "unilora_hf_merged", "unilora_hf_unloaded", "unilora_hf_unmerged",
+                          "unilora_hf_ungrouped", "peft_lora", "peft_unilora", "peft_unilora_merged", "base_again"]
     for key, row in rows.items():
         assert row["generated_tokens"] == s["new_tokens"] == 4
         assert row["decode_tok_s"] == pytest.approx(s["new_tokens"] / row["generate_s"])
@@ -147,6 +147,8 @@ def test_inference_record(results):
     assert rows["peft_lora"]["max_logit_change_vs_base"] == 0  # PEFT LoRA starts with B = 0
     for key in ("unilora_hf_unmerged", "peft_unilora"):
         assert rows[key]["max_logit_change_vs_base"] > 1e-5
+    ungrouped, unmerged = rows["unilora_hf_ungrouped"], rows["unilora_hf_unmerged"]
+    assert ungrouped["max_logit_change_vs_base"] == unmerged["max_logit_change_vs_base"]
     # merging gives the unmerged adapter's output, up to float32 rounding, far below the adapter's own effect
     for key in ("unilora_hf_merged", "unilora_hf_unloaded", "peft_unilora_merged"):
         assert rows[key]["max_logit_diff_vs_unmerged"] < 1e-2 * rows[key]["max_logit_change_vs_base"]

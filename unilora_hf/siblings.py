@@ -44,7 +44,8 @@ class SiblingGroup:
     def forward(self, index: int, x: torch.Tensor) -> torch.Tensor | None:
         """The output on x of ``members[index]`` (kept from an earlier sibling's launch, or computed now for all of
         them), or None where a launch for the group does not apply (the caller runs that layer alone)."""
-        if torch.is_grad_enabled() and (x.requires_grad or self.members[index]._unilora_root.unilora_theta_d.requires_grad):
+        root = self.members[index]._unilora_root
+        if torch.is_grad_enabled() and (x.requires_grad or root.unilora_theta_d.requires_grad):
             return None  # training: checked first, as this runs on every adapted layer call
         if not x.dim() or x.numel() > lora_linear.COMPILED_FUSED_ROWS * x.shape[-1]:
             return None

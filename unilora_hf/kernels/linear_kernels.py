@@ -300,7 +300,9 @@ GROUP_MAX = 3  # layers per launch of _group_forward_kernel
 _GROUP = triton_modes.FastLauncher(_group_forward_kernel)
 
 
-def group_tiles(rows: int, K: int, outs: tuple[int, ...], r: int, dtype: torch.dtype) -> tuple[int, int, int, int, int] | None:
+def group_tiles(
+    rows: int, K: int, outs: tuple[int, ...], r: int, dtype: torch.dtype
+) -> tuple[int, int, int, int, int] | None:
     """The one tile with which ``forward_group`` runs layers of ``outs`` outputs on ``rows`` × K inputs, or None
     when they cannot share a launch: more than GROUP_MAX layers, more than one row tile, or layers whose own
     tiles (``forward``'s) differ. With the same tile each output equals ``forward``'s bit for bit: the same code
