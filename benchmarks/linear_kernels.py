@@ -201,6 +201,7 @@ def decode(lk, r: int, reps: int, cold: bool = False) -> dict:
     finally:
         lk._DECODE, lk._DECODE_WIDE = saved
         lk._FORWARD_PLANS.clear()
+        lk._GROUP_PLANS.clear()
     keys = [k for k in out["q"] if all(isinstance(out[n][k], float) for n in out)]
     out["layer"] = {k: sum(out[n][k] for n in layer) for k in keys}
     out["siblings"] = siblings_decode(lk, r, reps, cold)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "unilora_hf"
 FILE_SIDE = {"serialization", "safe_io", "config", "layout", "projection", "errors", "version"}
-ATTACHING = {"model", "loading", "distributed", "layer", "trainer", "sft_trainer", "auto", "peft_export"}
+ATTACHING = {"model", "loading", "distributed", "layer", "siblings", "trainer", "sft_trainer", "auto", "peft_export"}
 
 
 def imports_of(path: Path) -> set[str]:

@@ -1,5 +1,9 @@
 """Sibling layers (q/k/v, gate/up) sharing one Kernel D launch while decoding (``unilora_hf.siblings``).
 
+Compiled decoding groups by default (``tests/test_compile.py`` counts the op); eager decoding only when asked
+(``eager=True``), which these cases do to test the bookkeeping directly;
+``test_eager_decoding_keeps_one_launch_per_layer`` checks the default.
+
 CPU cases run the kernels in Triton's interpreter with the triton backend forced; the ``gpu`` cases compare the
 grouped launch with one launch per layer on CUDA, bit for bit, at the 1.1B decoding shapes.
 """
@@ -23,6 +27,7 @@ def adapted(layers: int = 2, bias: bool = False, seed: int = 0) -> LlamaForCausa
     inject_adapter(model, UniLoraConfig(r=2, theta_d_length=64, target_modules="all-linear"))
     with torch.no_grad():
         get_adapter(model).theta_d.uniform_(-0.3, 0.3, generator=torch.Generator().manual_seed(seed + 1))
+    get_adapter(model)._group_siblings(True, eager=True)  # these cases run eager; by default only compiled graphs group
     return model
 
 
@@ -144,7 +149,7 @@ def test_a_sibling_called_on_another_input_computes_its_own(monkeypatch):
         adapter._group_siblings(False)
         own = {name: getattr(attn, name)(t) for name, t in (("k_proj", x), ("v_proj", x + 1), ("q_proj", x))}
         own_changed = attn.k_proj(x * 2)
-        adapter._group_siblings(True)
+        adapter._group_siblings(True, eager=True)
         launches = Launches(monkeypatch)
         assert torch.equal(attn.q_proj(x), own["q_proj"])
         assert torch.equal(attn.k_proj(x), own["k_proj"])  # kept from q's launch
@@ -187,8 +192,10 @@ def test_group_launch_bits_on_cuda():
                                                                                    for u in t]
                                  for t in _kernel_data(M, Ns, 2048, 16, torch.bfloat16, False))
             got = lk.forward_group(x, Ws, bs, As, Bs)
-            for y, W, A, B in zip(got, Ws, As, Bs):
+            again = lk.forward_group(x, Ws, bs, As, Bs)  # the direct launch from the remembered plan
+            for y, y2, W, A, B in zip(got, again, Ws, As, Bs):
                 assert torch.equal(y, lk.forward(x, W, None, A, B, False)[0])
+                assert torch.equal(y2, y)
 
 
 def test_inference_mode_and_pre_hooks(monkeypatch):
@@ -208,3 +215,14 @@ def test_inference_mode_and_pre_hooks(monkeypatch):
             hooked = model(input_ids=ids(1, 3)).logits
         handle.remove()
         assert (launches.group, launches.single) == (1, 5) and torch.equal(hooked, want)
+
+
+def test_eager_decoding_keeps_one_launch_per_layer(monkeypatch):
+    """By default an eager forward launches per layer (host-bound there, grouping measured slower); the group op is
+    for compiled graphs."""
+    model = adapted(1)
+    get_adapter(model)._group_siblings(True)
+    with force_backend("triton"), torch.no_grad():
+        launches = Launches(monkeypatch)
+        model(input_ids=ids(1, 3))
+    assert (launches.group, launches.single) == (0, 7)

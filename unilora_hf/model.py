@@ -28,6 +28,7 @@ from .errors import AdapterIntegrityError, AdapterStateError, InvalidArgumentErr
 from .layer import ModulesToSave, UniLoraLinear, logical_name
 from .layout import LayerSpec, check_sizes, compact, effective_heads, fingerprint, build_layout, resolve_targets
 from .projection import PEFT, Projection
+from .siblings import find_groups, link
 
 THETA_NAME = "unilora_theta_d"
 DEFAULT_NAME = "default"
@@ -293,12 +294,11 @@ class UniLoraAdapter:
         self._first_layer = self._layer_modules[0] if self._layer_modules else None
         self._group_siblings(True)
 
-    def _group_siblings(self, enabled: bool) -> None:
-        """Whether layers that read the same input (q/k/v, gate/up) share one launch while decoding
-        (``siblings``); on by default, off for an A/B measurement. Takes effect at the next trace when compiled."""
-        from .siblings import find_groups, link
-
-        self._groups = find_groups(self.model, UniLoraLinear) if enabled else []
+    def _group_siblings(self, enabled: bool, eager: bool = False) -> None:
+        """Whether layers that read the same input (q/k/v, gate/up) share one launch while decoding under
+        ``torch.compile`` (``eager``: outside it too; ``siblings``); on by default, off for an A/B measurement. Takes
+        effect at the next trace when compiled."""
+        self._groups = find_groups(self.model, UniLoraLinear, eager) if enabled else []
         link(self._groups, self._layer_modules)
 
     def _install_hooks(self) -> None:

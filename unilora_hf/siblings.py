@@ -1,10 +1,10 @@
 """Sibling layers: adapted projections that read the same input, run as one kernel launch while decoding.
 
 An attention block calls ``q_proj(x)``, ``k_proj(x)`` and ``v_proj(x)`` one after another on the same x, an MLP
-``gate_proj(x)`` and ``up_proj(x)``. While decoding (at most ``lora_linear.COMPILED_FUSED_ROWS`` rows, autograd
-not recording, the triton backend), the first sibling to run computes every sibling's output in one Kernel D
-launch (``lora_linear.frozen_linear_lora_group``: each output has the bits of that layer's own launch) and keeps
-the others'. A sibling called next with the very same x (the same tensor object, not modified in place since:
+``gate_proj(x)`` and ``up_proj(x)``. While decoding under ``torch.compile`` (at most
+``lora_linear.COMPILED_FUSED_ROWS`` rows, autograd not recording, the triton backend), the first sibling to run
+computes every sibling's output in one Kernel D launch (``lora_linear.frozen_linear_lora_group``: each output has
+the bits of that layer's own launch) and keeps the others'. A sibling called next with the very same x (the same tensor object, not modified in place since:
 its version counter) takes its output from there; a sibling called with any other x computes its own. Inference
 tensors (``torch.inference_mode``) and tensors traced by ``torch.compile`` have no version counter to read: there
 the same object is the test, and an in-place change of x between two siblings' calls is not seen. No group forms
@@ -12,8 +12,10 @@ while a member has a forward pre-hook (which may change its input). What is kept
 ends (``UniLoraAdapter._close_pass``).
 
 Only the sibling sets of ``SIBLING_NAMES`` are grouped (children of one module, with the same input width), so no
-launch is spent on a layer that is not about to read that x. One launch instead of three (or two) is measured
-faster on the GPU and costs the host less (benchmarks/RESULTS.md).
+launch is spent on a layer that is not about to read that x. Compiled, one launch instead of three (or two) is
+measured faster (the GPU's work per token falls to the base model's). Eager decoding is bound by the host, where
+this bookkeeping cost more than the launches it saves (1.39 × the base's time per token against 1.22 ×, H200,
+benchmarks/RESULTS.md): there each layer keeps its own launch unless a group is made with ``eager=True``.
 """
 
 from __future__ import annotations
@@ -30,8 +32,9 @@ SIBLING_NAMES = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("que
 class SiblingGroup:
     """Adapted layers that read the same input, and the outputs computed for the ones not yet called."""
 
-    def __init__(self, members: list[nn.Module]):
+    def __init__(self, members: list[nn.Module], eager: bool = False):
         self.members = members
+        self.eager = eager  # also group outside torch.compile
         self._x: torch.Tensor | None = None
         self._version: int | None = None
         self._kept: dict[int, torch.Tensor] = {}
@@ -44,6 +47,8 @@ class SiblingGroup:
     def forward(self, index: int, x: torch.Tensor) -> torch.Tensor | None:
         """The output on x of ``members[index]`` (kept from an earlier sibling's launch, or computed now for all of
         them), or None where a launch for the group does not apply (the caller runs that layer alone)."""
+        if not (self.eager or torch.compiler.is_compiling()):
+            return None
         root = self.members[index]._unilora_root
         if torch.is_grad_enabled() and (x.requires_grad or root.unilora_theta_d.requires_grad):
             return None  # training: checked first, as this runs on every adapted layer call
@@ -80,15 +85,15 @@ class SiblingGroup:
         return lora_linear.frozen_linear_lora_group(x, weights, biases, As, Bs)
 
 
-def find_groups(model: nn.Module, layer_type: type) -> list[SiblingGroup]:
+def find_groups(model: nn.Module, layer_type: type, eager: bool = False) -> list[SiblingGroup]:
     """The sibling groups of ``model``: for each module, each set of ``SIBLING_NAMES`` whose children of type
-    ``layer_type`` (adapted layers) number two or more and share one input width."""
+    ``layer_type`` (adapted layers) number two or more and share one input width (``eager``: as `SiblingGroup`)."""
     groups = []
     for module in model.modules():
         for names in SIBLING_NAMES:
             members = [module._modules[n] for n in names if isinstance(module._modules.get(n), layer_type)]
             if len(members) >= 2 and len({m.in_features for m in members}) == 1:
-                groups.append(SiblingGroup(members))
+                groups.append(SiblingGroup(members, eager))
     return groups
 
 

@@ -202,7 +202,7 @@ _FORWARD = triton_modes.FastLauncher(_forward_kernel)
 _DGRAD = triton_modes.FastLauncher(_dgrad_kernel)
 
 # (BM, BN, BK, num_warps, num_stages) by output rows: the best of benchmarks/linear_kernels.py on an H100.
-# Changing them needs _FORWARD_PLANS / _DGRAD_PLANS cleared (the plans remember the tiles).
+# Changing them needs _FORWARD_PLANS / _DGRAD_PLANS / _GROUP_PLANS cleared (the plans remember the tiles).
 # Decoding (≤ 16 rows) is a GEMV bound by the bytes of W: narrow column tiles give enough programs to fill the
 # GPU (benchmarks/linear_kernels.py --decode, H200: 56 µs per 1.1B layer against 213 µs with _SMALL).
 _LARGE = (128, 128, 64, 8, 3)
@@ -298,6 +298,7 @@ def forward(
 
 GROUP_MAX = 3  # layers per launch of _group_forward_kernel
 _GROUP = triton_modes.FastLauncher(_group_forward_kernel)
+_GROUP_PLANS: dict = {}
 
 
 def group_tiles(
@@ -317,6 +318,32 @@ def group_tiles(
     return tile if rows <= tile[0] else None
 
 
+def _group_key(x, weights, biases, As, Bs):
+    """``forward_group``'s direct-launch key, as ``_fast_key``: every operand contiguous and 16-byte aligned on the
+    current CUDA device, else None. Shapes and dtypes then fix every integer argument and Triton's specialisation."""
+    if not (_GROUP.direct and x.is_contiguous()):
+        return None
+    operands = (*weights, *As, *Bs, *(b for b in biases if b is not None))
+    ptrs = x.data_ptr()
+    for t in operands:
+        if not t.is_contiguous():
+            return None
+        ptrs |= t.data_ptr()
+    device = x.get_device()
+    if ptrs % 16 or device != torch.cuda.current_device():
+        return None
+    return (x.shape, tuple(t.shape for t in operands), tuple(t.dtype for t in operands), x.dtype,
+            tuple(b is None for b in biases), device)
+
+
+def _group_operands(x, weights, biases, As, Bs, ys) -> tuple:
+    """The kernel's tensor arguments: each list padded to GROUP_MAX (padding layers have no columns)."""
+    pad = GROUP_MAX - len(weights)
+    bs = [w if b is None else b for b, w in zip(biases, weights)]  # an unused pointer where there is no bias
+    return (x, *weights, *[weights[-1]] * pad, *bs, *[bs[-1]] * pad, *As, *[As[-1]] * pad, *Bs, *[Bs[-1]] * pad,
+            *ys, *[ys[-1]] * pad)
+
+
 def forward_group(
     x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor | None], As: list[torch.Tensor],
     Bs: list[torch.Tensor],
@@ -325,11 +352,19 @@ def forward_group(
     equal bit for bit to ``forward(x, W_i, b_i, A_i, B_i, False)[0]``. x: M×K with M ≤ the decoding tile's rows;
     W_i: N_i×K, A_i: r×K, B_i: N_i×r, all contiguous; biases all None or all given. ValueError when
     ``group_tiles`` gives None."""
+    key = _group_key(x, weights, biases, As, Bs)
+    plan = _GROUP_PLANS.get(key) if key is not None else None
+    if plan is not None and _GROUP.cached(key) is not None:  # checked when the plan was made
+        compiled, grid0, tail, M, outs = plan
+        ys = [x.new_empty((M, N)) for N in outs]
+        _GROUP.run(compiled, grid0, key[-1], *_group_operands(x, weights, biases, As, Bs, ys), *tail)
+        return ys
     n = len(weights)
     if not (n == len(biases) == len(As) == len(Bs)) or len({b is None for b in biases}) > 1:
         raise ValueError("forward_group needs one weight, bias, A and B per layer, biases all given or all None")
     r = As[0].shape[0]
-    tile = group_tiles(x.shape[0], x.shape[1], tuple(w.shape[0] for w in weights), r, x.dtype)
+    outs = tuple(w.shape[0] for w in weights)
+    tile = group_tiles(x.shape[0], x.shape[1], outs, r, x.dtype)
     if tile is None or any(a.shape[0] != r for a in As):
         raise ValueError(f"these {n} layers cannot share one launch on {tuple(x.shape)} rows (see group_tiles)")
     for w, a, b in zip(weights, As, Bs):
@@ -337,26 +372,15 @@ def forward_group(
         if not (w.is_contiguous() and a.is_contiguous() and b.is_contiguous()):
             raise ValueError("forward_group needs contiguous W, A and B")
     M, K = x.shape
-    has_bias = biases[0] is not None
-    ys = [x.new_empty((M, w.shape[0])) for w in weights]
-    pad = GROUP_MAX - n
-    ws = weights + [weights[-1]] * pad
-    bs = [(b if has_bias else w) for b, w in zip(biases, weights)] + [weights[-1]] * pad
-    a_s, b_s, y_s = As + [As[-1]] * pad, Bs + [Bs[-1]] * pad, ys + [ys[-1]] * pad
-    Ns = [w.shape[0] for w in weights] + [0] * pad
+    ys = [x.new_empty((M, N)) for N in outs]
     bm, bn, bk, warps, stages = tile
-    grid0 = sum(triton.cdiv(N, bn) for N in Ns)
-    tensors = (x, *ws, *bs, *a_s, *b_s, *y_s)
-    args = (*tensors, M, *Ns, K, r, *x.stride(), has_bias, _precision(x.dtype), interpreted(), _padded_rank(r),
-            bm, bn, bk)
-    key = None  # the direct launch: every integer argument and tensor alignment fixed by the key
-    if _GROUP.direct and all(t.data_ptr() % 16 == 0 for t in tensors) and x.get_device() == torch.cuda.current_device():
-        key = (x.shape, tuple(Ns), r, x.dtype, has_bias, x.stride(), x.get_device())
-    compiled = _GROUP.cached(key) if key is not None else None
-    if compiled is not None:
-        _GROUP.run(compiled, grid0, key[-1], *args)
-    else:
-        _GROUP.launch(key, (grid0,), x.device, *args, num_warps=warps, num_stages=stages)
+    grid0 = sum(triton.cdiv(N, bn) for N in outs)
+    tail = (M, *outs, *[0] * (GROUP_MAX - n), K, r, *x.stride(), biases[0] is not None, _precision(x.dtype),
+            interpreted(), _padded_rank(r), bm, bn, bk)
+    _GROUP.launch(key, (grid0,), x.device, *_group_operands(x, weights, biases, As, Bs, ys), *tail,
+                  num_warps=warps, num_stages=stages)
+    if key is not None and key in _GROUP.compiled:
+        _GROUP_PLANS[key] = (_GROUP.compiled[key], grid0, tail, M, outs)
     return ys
 
 
