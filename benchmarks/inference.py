@@ -268,28 +268,42 @@ def run_compiled(args, cfg, device, dtype, folders, prompt, record: dict) -> Non
     for key, rec in record["rows"].items():
         if "per_token_kernels" in rec:
             k = rec["per_token_kernels"]
-            print(f"\n{key}: {k['kernels']:.1f} kernels and {k['gpu_busy_us']:.1f} GPU µs per token; "
-                  "top (calls, µs):")
+            host = ", ".join(f"{name} {us:.0f}" for name, us in k["host_us"].items())
+            print(f"\n{key}: {k['kernels']:.1f} kernels and {k['gpu_busy_us']:.1f} GPU µs per token; host µs per "
+                  f"token (profiled): {host}; top (calls, µs):")
             for t in k["top"]:
                 print(f"  {t['calls']:7.2f} {t['gpu_us']:9.2f}   {t['name']}")
 
 
+# Host-side profiler ranges of a compiled call: guard evaluation before each run, then the compiled region (for
+# reduce-overhead / CUDA graphs, the replay's host work).
+HOST_RANGES = ("TorchDynamo Cache Lookup", "Torch-Compiled Region")
+
+
 def kernels_per_token(model, kwargs: dict, n: int, top: int) -> dict:
-    """CUDA kernels of one decoded token: (generate of n tokens) - (generate of 1), divided by n - 1."""
+    """CUDA kernels and the host time of `HOST_RANGES` for one decoded token: (generate of n tokens) - (generate of
+    1), divided by n - 1."""
     from torch.profiler import ProfilerActivity, profile
 
-    counts = []
-    activity = ProfilerActivity.CUDA if model.device.type == "cuda" else ProfilerActivity.CPU  # CPU: no kernels
+    counts, hosts = [], []
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if model.device.type == "cuda" else [])
     for tokens in (n, 1):
-        with torch.no_grad(), profile(activities=[activity]) as prof:
+        with torch.no_grad(), profile(activities=activities) as prof:
             model.generate(**kwargs, max_new_tokens=tokens, min_new_tokens=tokens)
             common.sync(model.device)
         counts.append(common.kernels_by_name(prof))
+        host = {name: 0.0 for name in HOST_RANGES}
+        for e in prof.events():
+            name = e.name.split(":")[0]  # "Torch-Compiled Region: 1/0" -> one entry for all frames
+            if name in host:
+                host[name] += e.cpu_time_total  # µs
+        hosts.append(host)
     full, one = counts
     per = {name: ((c - one.get(name, [0, 0.0])[0]) / (n - 1), 1e3 * (t - one.get(name, [0, 0.0])[1]) / (n - 1))
            for name, (c, t) in full.items()}
     ranked = sorted(per.items(), key=lambda kv: -kv[1][1])
     return {"kernels": sum(c for c, _ in per.values()), "gpu_busy_us": sum(t for _, t in per.values()),
+            "host_us": {name: (hosts[0][name] - hosts[1][name]) / (n - 1) for name in HOST_RANGES},
             "top": [{"name": k, "calls": c, "gpu_us": t} for k, (c, t) in ranked[:top]]}
 
 

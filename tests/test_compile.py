@@ -8,6 +8,8 @@ CUDA graph) must read the θ_d it is replayed with, not the one it was traced wi
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch._dynamo as dynamo
@@ -269,6 +271,71 @@ def test_compiled_decoding_with_dynamic_shapes_takes_the_op():
         calls, got, want = _fused_op_calls(model, tokens(model, 1, n), training=False, dynamic=True)
         assert calls == 14
         assert torch.equal(got, want)
+
+
+def _guard_text(model, ids) -> str:
+    """The guard tree that a compiled call of ``model`` on ``ids`` evaluates before each run (few-row inference,
+    triton backend forced so that sibling groups apply)."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    from unilora_hf.kernels import force_backend
+    from unilora_hf.kernels.triton_modes import interpreter_switch
+
+    def step(input_ids):
+        return model(input_ids=input_ids).logits
+
+    dynamo.reset()
+    with interpreter_switch(True), force_backend("triton"), torch.no_grad():
+        torch.compile(step, backend="eager", fullgraph=True)(ids)
+    (entry,) = _debug_get_cache_entry_list(step.__code__)
+    return str(entry.guard_manager)
+
+
+def test_compiled_model_guards_each_adapted_layer_lightly():
+    """Every guard is evaluated at every call of a compiled model (the host time of a decoded token), so an adapted
+    layer may be guarded on its identity, ``merged``, ``_siblings`` and its base layer's parameters, and nothing
+    else: its spec, dropout, training flag and root are constants of the layer object (``layer_constants``), and a
+    sibling group reaches its members through their parent module, not through references of its own. The root each
+    layer holds costs one identity check per layer."""
+    model = adapted(2).eval()
+    text = _guard_text(model, tokens(model, 1, 3))
+    names = {name.rsplit(".", 1)[1] for name, _ in get_adapter(model).wrapped_layers()}
+    reads = set()
+    for source in re.findall(r"source=(.+?), accessed_by", text):
+        for name in names:
+            _, found, rest = source.partition(f"._modules['{name}']")
+            if found:
+                reads.add(re.match(r"(\.\w+(\['\w+'\])?)?", rest).group(0))
+    assert reads == {"", ".__dict__", ".merged", "._siblings", "._modules", "._modules['base_layer']"}
+    # the root, reached from each layer: one identity check per layer, nothing read through it
+    roots = [line for line in text.splitlines() if "_unilora_root" in line]
+    assert len(roots) == len(names) * 2 and all("LAMBDA_GUARD: L['model'] is L['model']" in r for r in roots)
+    assert ".spec" not in text
+    # a guard per layer and merged/siblings state, no more: under 16 lines per adapted layer over the base's
+    base = llama(2).eval()
+    extra = len(text.splitlines()) - len(_guard_text(base, tokens(base, 1, 3)).splitlines())
+    bigger = adapted(4).eval()
+    extra4 = len(_guard_text(bigger, tokens(bigger, 1, 3)).splitlines()) - len(
+        _guard_text(llama(4).eval(), tokens(bigger, 1, 3)).splitlines())
+    assert (extra4 - extra) / 14 < 32
+
+
+def test_compiled_model_sees_a_new_adapter_on_the_same_model():
+    """The layer constants are guarded by the layer object's identity: a compiled model whose adapter is unloaded
+    and replaced by another of another layout recompiles and computes the new adapter, not the traced one."""
+    model = adapted(2).eval()
+    ids = tokens(model, 1, 3)
+    compiled = torch.compile(model, backend="eager")
+    with torch.no_grad():
+        first = compiled(input_ids=ids).logits
+        torch.testing.assert_close(first, model(input_ids=ids).logits)
+        get_adapter(model).unload()
+        inject_adapter(model, UniLoraConfig(r=3, theta_d_length=40, target_modules=["q_proj", "v_proj", "up_proj"]))
+        get_adapter(model).theta_d.uniform_(-0.3, 0.3, generator=torch.Generator().manual_seed(5))
+        want = model(input_ids=ids).logits
+        got = compiled(input_ids=ids).logits
+    torch.testing.assert_close(got, want)
+    assert (got - first).abs().max() > 1e-3
 
 
 def test_inductor_decoding_with_kernel_d_matches_eager():

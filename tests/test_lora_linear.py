@@ -74,7 +74,7 @@ def test_one_readout_per_pass_gives_the_per_layer_reference_gradient():
     ids = tokens(model)
     weights = torch.randn_like(model(input_ids=ids).logits)
     fast = _theta_grad(model, ids, weights)
-    adapter.lora_pair = lambda spec, device, dtype: None  # force every layer onto its own readout
+    adapter.lora_pair = lambda constants, device, dtype: None  # force every layer onto its own readout
     slow = _theta_grad(model, ids, weights)
     torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-6 * slow.abs().max().item())
     assert fast.abs().sum() > 0
@@ -105,7 +105,7 @@ def test_conv1d_and_dropout_take_the_general_path():
     model.train()
     torch.manual_seed(5)
     fast = model(input_ids=ids).logits
-    adapter.lora_pair = lambda spec, device, dtype: None
+    adapter.lora_pair = lambda constants, device, dtype: None
     torch.manual_seed(5)
     slow = model(input_ids=ids).logits
     torch.testing.assert_close(fast, slow)
@@ -144,7 +144,7 @@ def test_no_grad_passes_keep_one_theta_D_buffer_and_see_every_change():
 def readout_free_output(model, adapter, ids):
     """The logits with every layer reading its own slice of θ_d (no per-pass readout at all)."""
     keep = adapter.lora_pair
-    adapter.lora_pair = lambda spec, device, dtype: None
+    adapter.lora_pair = lambda constants, device, dtype: None
     try:
         with torch.no_grad():
             return model(input_ids=ids).logits

@@ -53,7 +53,7 @@ def test_theta_gradient_matches_dense_projection_in_float64():
         A, B = (t.detach().clone().requires_grad_(True) for t in layer.lora_matrices())
         leaves += [A, B]
         pairs[layer.spec.offset] = (A, B)
-    adapter.lora_pair = lambda spec, device, dtype: pairs[spec.offset]
+    adapter.lora_pair = lambda constants, device, dtype: pairs[constants[1]]  # (slot, offset, ...)
     (model(input_ids=ids).logits * weights).sum().backward()
     g_D = torch.cat([t.grad.flatten() for t in leaves]).double()
     theta_D = torch.cat([t.detach().flatten() for t in leaves]).double()

@@ -16,19 +16,31 @@ import torch.nn as nn
 
 from . import reference
 from .kernels import lora_linear, project_slice
-from .layout import LayerSpec
+from .layout import LayerSpec, lora_views
+
+
+@torch.compiler.assume_constant_result
+def layer_constants(layer: "UniLoraLinear") -> tuple[int, int, int, int, int, bool]:
+    """(slot, offset, r, in_features, out_features, has_dropout) of an adapted layer: its place in the adapter's
+    layer list, its slice of θ_D, its shape, and whether it holds a dropout module. None of these change for one
+    layer object, so under ``torch.compile`` they are traced as constants that the layer's identity alone guards,
+    where reading them attribute by attribute adds about a dozen guards per layer, each evaluated at every call
+    of the compiled model (the host time of a decoded token)."""
+    return layer.__dict__["_constants"]
 
 
 class UniLoraLinear(nn.Module):
-    def __init__(self, base_layer: nn.Module, spec: LayerSpec, root: nn.Module, dropout: float):
+    def __init__(self, base_layer: nn.Module, spec: LayerSpec, root: nn.Module, dropout: float, slot: int):
         super().__init__()
         self.base_layer = base_layer
         self.unilora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.spec = spec
         self.merged = False
+        self.__dict__["_constants"] = (slot, spec.offset, spec.r, spec.in_features, spec.out_features, dropout > 0)
         # A plain reference, not a submodule: the root owns θ_d and must not become our child.
         self.__dict__["_unilora_root"] = root
-        self.__dict__["_siblings"] = None  # (SiblingGroup, index) when layers that read our input share a launch
+        # (group, index) when layers that read our input share a launch: the group is adapter._groups[group]
+        self.__dict__["_siblings"] = None
 
     @property
     def weight(self) -> torch.Tensor:
@@ -55,33 +67,6 @@ class UniLoraLinear(nn.Module):
         A, B = self.lora_matrices()
         return reference.delta_weight(A, B, self.spec.fan_in_fan_out)
 
-    def _pair(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        root = self._unilora_root
-        pair = root.unilora_adapter.lora_pair(self.spec, device, dtype)
-        if pair is None:
-            s = self.spec
-            flat = project_slice(root.unilora_theta_d, root.unilora_adapter.projection, s.offset, s.size)
-            pair = s.lora_views(flat.to(device, dtype))
-        return pair
-
-    def _frozen_plain_weights(self, base: nn.Module, x: torch.Tensor):
-        """(W, b) when ``base`` is a plain nn.Linear with frozen W, b matching x's dtype and device (and
-        no active dropout, no autocast to another dtype than x's), else None. Module attributes are read
-        from their dicts: this runs once per layer call, on the CPU critical path of a training step."""
-        if type(base) is not nn.Linear:
-            return None
-        weight, bias = base._parameters["weight"], base._parameters["bias"]
-        if (
-            weight.requires_grad
-            or (bias is not None and bias.requires_grad)
-            or x.dtype != weight.dtype
-            or x.device != weight.device
-            or (torch.is_autocast_enabled(x.device.type) and torch.get_autocast_dtype(x.device.type) != x.dtype)
-            or (self.training and type(self._modules["unilora_dropout"]) is not nn.Identity)
-        ):
-            return None
-        return weight, bias
-
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         base = self._modules["base_layer"]
         adapter = self._unilora_root.unilora_adapter
@@ -89,16 +74,18 @@ class UniLoraLinear(nn.Module):
             return base(x, *args, **kwargs)
         if adapter._mixed is not None:
             return self._mixed_forward(adapter._mixed, base, x, *args, **kwargs)
-        plain = None if args or kwargs else self._frozen_plain_weights(base, x)
+        constants = layer_constants(self)
+        plain = None if args or kwargs else frozen_plain_weights(self, constants, base, x)
         if plain is not None:
-            if self._siblings is not None:
-                y = self._siblings[0].forward(self._siblings[1], x)
+            siblings = self._siblings
+            if siblings is not None:
+                y = adapter._groups[siblings[0]].forward(siblings[1], x, adapter)
                 if y is not None:
                     return y
-            A, B = self._pair(x.device, x.dtype)
+            A, B = layer_pair(self, constants, adapter, x.device, x.dtype)
             return lora_linear.frozen_linear_lora(x, plain[0], plain[1], A, B)
         result = base(x, *args, **kwargs)
-        A, B = self._pair(result.device, result.dtype)
+        A, B = layer_pair(self, constants, adapter, result.device, result.dtype)
         return lora_linear.add_lora(result, self.unilora_dropout(x), A, B)
 
     def _mixed_forward(self, mixed, base: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -110,6 +97,37 @@ class UniLoraLinear(nn.Module):
     def extra_repr(self) -> str:
         s = self.spec
         return f"r={s.r}, in={s.in_features}, out={s.out_features}, theta_D[{s.offset}:{s.offset + s.size}]"
+
+
+def layer_pair(layer: UniLoraLinear, constants: tuple, adapter, device: torch.device, dtype: torch.dtype):
+    """(A, B) of ``layer`` in ``dtype`` on ``device``: from the root pass's readout, or outside a root pass (or
+    inside backward) from the layer's own slice of θ_D."""
+    pair = adapter.lora_pair(constants, device, dtype)
+    if pair is None:
+        _, offset, r, n_in, n_out, _ = constants
+        flat = project_slice(layer._unilora_root.unilora_theta_d, adapter.projection, offset, r * (n_in + n_out))
+        pair = lora_views(flat.to(device, dtype), r, n_in, n_out)
+    return pair
+
+
+def frozen_plain_weights(layer: UniLoraLinear, constants: tuple, base: nn.Module, x: torch.Tensor):
+    """(W, b) when ``base`` is a plain nn.Linear with frozen W, b matching x's dtype and device (and no active
+    dropout, no autocast to another dtype than x's), else None. Module attributes are read from their dicts, and
+    the layer's own state only where it matters (``training`` with a dropout module): this runs once per layer
+    call, on the CPU critical path of a training step, and each read is a guard of a compiled model."""
+    if type(base) is not nn.Linear:
+        return None
+    weight, bias = base._parameters["weight"], base._parameters["bias"]
+    if (
+        weight.requires_grad
+        or (bias is not None and bias.requires_grad)
+        or x.dtype != weight.dtype
+        or x.device != weight.device
+        or (torch.is_autocast_enabled(x.device.type) and torch.get_autocast_dtype(x.device.type) != x.dtype)
+        or (constants[5] and layer.training)
+    ):
+        return None
+    return weight, bias
 
 
 class ModulesToSave(nn.Module):

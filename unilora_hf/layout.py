@@ -60,8 +60,13 @@ class LayerSpec:
 
     def lora_views(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(A, B) as views of ``flat``, the layer's slice of θ_D (``size`` entries)."""
-        A, B = torch.split(flat, self.split_sizes)
-        return A.view(self.r, self.in_features), B.view(self.out_features, self.r)
+        return lora_views(flat, self.r, self.in_features, self.out_features)
+
+
+def lora_views(flat: torch.Tensor, r: int, n_in: int, n_out: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) as views of ``flat``, a layer's slice of θ_D: A (r×n_in) then B (n_out×r)."""
+    A, B = torch.split(flat, (r * n_in, r * n_out))
+    return A.view(r, n_in), B.view(n_out, r)
 
 
 class MatchBudget:

@@ -25,8 +25,9 @@ import torch.nn as nn
 
 from .config import SHARED_BY_RESIDENT_ADAPTERS, UniLoraConfig
 from .errors import AdapterIntegrityError, AdapterStateError, InvalidArgumentError, InvalidConfigError
-from .layer import ModulesToSave, UniLoraLinear, logical_name
-from .layout import LayerSpec, check_sizes, compact, effective_heads, fingerprint, build_layout, resolve_targets
+from .layer import ModulesToSave, UniLoraLinear, layer_constants, logical_name
+from .layout import (LayerSpec, build_layout, check_sizes, compact, effective_heads, fingerprint, lora_views,
+                     resolve_targets)
 from .projection import PEFT, Projection
 from .siblings import find_groups, link
 
@@ -211,7 +212,6 @@ class UniLoraAdapter:
         self.enabled = True
         self.detached = False
         self.base_model_revision = None
-        self._slot = {spec.offset: i for i, spec in enumerate(layers)}
         self._split_sizes = [n for spec in layers for n in spec.split_sizes]
         self._bias_originals: dict[str, torch.Tensor] = {}
         self._layer_modules: list | None = None
@@ -265,7 +265,7 @@ class UniLoraAdapter:
             else:  # a quantized base reads out lazily, in its compute dtype
                 return
             if self._training_pass:  # read out now, outside any activation-checkpointed block
-                self.lora_pair(layer.spec, device, dtype)
+                self.lora_pair(layer_constants(layer), device, dtype)
             elif not torch.compiler.is_compiling():
                 # made here, so that a compiled forward whose root hooks run outside it finds the kept θ_D
                 self._kept_theta_D(device, dtype)
@@ -322,9 +322,9 @@ class UniLoraAdapter:
         return [(parts[2 * i].view(s.r, s.in_features), parts[2 * i + 1].view(s.out_features, s.r))
                 for i, s in enumerate(self.layers)]
 
-    def lora_pair(self, spec: LayerSpec, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(A, B) of the layer with ``spec`` for the current root pass, in ``dtype`` on ``device`` (read out
-        in float32, rounded once), or None outside a root pass or inside backward."""
+    def lora_pair(self, constants: tuple, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(A, B) of the layer with ``constants`` (`layer.layer_constants`) for the current root pass, in ``dtype``
+        on ``device`` (read out in float32, rounded once), or None outside a root pass or inside backward."""
         if self._forward_depth == 0:
             return None
         # inside backward (activation checkpointing re-running a layer): the layer reads its own slice; a
@@ -346,7 +346,7 @@ class UniLoraAdapter:
 
                     self._theta_D = project_theta(theta if differentiable else theta.detach(), self.projection)
                 views = self._views[key] = self._split(self._theta_D.to(device=device, dtype=dtype))
-            return views[self._slot[spec.offset]]
+            return views[constants[0]]
         if torch.compiler.is_compiling():
             # One refresh op per pass; each layer views its slice of the static buffer. Nothing but a flag is
             # kept in Python state: tensors stored there would leave the graph as outputs, which AOT autograd
@@ -354,7 +354,8 @@ class UniLoraAdapter:
             if key not in self._refreshed:
                 cache.refresh(theta)
                 self._refreshed[key] = True
-            return spec.lora_views(cache.theta_D[spec.offset : spec.offset + spec.size])
+            _, offset, r, n_in, n_out, _ = constants
+            return lora_views(cache.theta_D[offset : offset + r * (n_in + n_out)], r, n_in, n_out)
         views = self._views.get(key)
         if views is None:
             cache = self._kept_theta_D(device, dtype)
@@ -363,7 +364,7 @@ class UniLoraAdapter:
                 with torch.inference_mode(False):
                     cache.views = self._split(cache.theta_D)
             views = self._views[key] = cache.views
-        return views[self._slot[spec.offset]]
+        return views[constants[0]]
 
     def _kept_theta_D(self, device: torch.device, dtype: torch.dtype) -> "ReadoutCache":
         """The inference θ_D kept for (device, dtype), made (not yet read out) when missing; never while compiling."""
@@ -843,8 +844,8 @@ def inject_adapter(model: nn.Module, config: UniLoraConfig, theta_d: torch.Tenso
         undo.add(lambda: model.__dict__.pop("unilora_adapter", None))
         adapter._install_hooks()
         undo.add(lambda: [h.remove() for h in adapter._hooks])
-        for (name, module), spec in zip(plan.targets, plan.layers):
-            _set_submodule(model, name, UniLoraLinear(module, spec, model, config.unilora_dropout))
+        for slot, ((name, module), spec) in enumerate(zip(plan.targets, plan.layers)):
+            _set_submodule(model, name, UniLoraLinear(module, spec, model, config.unilora_dropout, slot))
             undo.add(lambda name=name, module=module: _set_submodule(model, name, module))
         for name in plan.heads:
             original = model.get_submodule(name)

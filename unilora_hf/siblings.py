@@ -24,33 +24,49 @@ import torch
 import torch.nn as nn
 
 from .kernels import lora_linear
+from .layer import frozen_plain_weights, layer_constants, layer_pair
 
 # Names of layers that one module calls on the same input, in the order the group computes them.
 SIBLING_NAMES = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("query", "key", "value"))
 
 
 class SiblingGroup:
-    """Adapted layers that read the same input, and the outputs computed for the ones not yet called."""
+    """Adapted layers that read the same input (children ``names`` of ``parent``), and the outputs computed for the
+    ones not yet called.
 
-    def __init__(self, members: list[nn.Module], eager: bool = False):
-        self.members = members
+    Under ``torch.compile`` every object the traced code reaches through a new path costs a guard at every call of
+    the compiled model, and one reached through two paths an aliasing check on top. So the members are read through
+    ``parent`` (which the model's own forward has reached already), and each layer finds its group through the
+    adapter (``UniLoraAdapter._groups``, indexed by the ints of ``layer._siblings``), not through a reference of its
+    own."""
+
+    __slots__ = ("parent", "names", "eager", "_x", "_version", "_kept")  # no instance dict: fewer guards
+
+    def __init__(self, parent: nn.Module, names: tuple[str, ...], eager: bool = False):
+        self.parent = parent
+        self.names = names
         self.eager = eager  # also group outside torch.compile
         self._x: torch.Tensor | None = None
         self._version: int | None = None
         self._kept: dict[int, torch.Tensor] = {}
+
+    @property
+    def members(self) -> list[nn.Module]:
+        modules = self.parent._modules
+        return [modules[n] for n in self.names]
 
     def clear(self) -> None:
         self._x = None
         self._version = None
         self._kept = {}
 
-    def forward(self, index: int, x: torch.Tensor) -> torch.Tensor | None:
+    def forward(self, index: int, x: torch.Tensor, adapter) -> torch.Tensor | None:
         """The output on x of ``members[index]`` (kept from an earlier sibling's launch, or computed now for all of
-        them), or None where a launch for the group does not apply (the caller runs that layer alone)."""
-        if not (self.eager or torch.compiler.is_compiling()):
+        them), or None where a launch for the group does not apply (the caller runs that layer alone). ``adapter``:
+        the members' `UniLoraAdapter`, passed by the caller, which has it at hand."""
+        if not (torch.compiler.is_compiling() or self.eager):
             return None
-        root = self.members[index]._unilora_root
-        if torch.is_grad_enabled() and (x.requires_grad or root.unilora_theta_d.requires_grad):
+        if torch.is_grad_enabled() and (x.requires_grad or adapter.theta_d.requires_grad):
             return None  # training: checked first, as this runs on every adapted layer call
         if not x.dim() or x.numel() > lora_linear.COMPILED_FUSED_ROWS * x.shape[-1]:
             return None
@@ -61,7 +77,7 @@ class SiblingGroup:
                 self.clear()
             return y
         self.clear()
-        outputs = self._run_all(x)
+        outputs = self._run_all(x, adapter)
         if outputs is None:
             return None
         self._kept = {i: y for i, y in enumerate(outputs) if i != index}
@@ -69,20 +85,32 @@ class SiblingGroup:
             self._x, self._version = x, version
         return outputs[index]
 
-    def _run_all(self, x: torch.Tensor) -> list[torch.Tensor] | None:
-        weights, biases, As, Bs = [], [], [], []
-        if any(m._forward_pre_hooks for m in self.members):  # a hook may change a sibling's input before it runs
+    def _run_all(self, x: torch.Tensor, adapter) -> list[torch.Tensor] | None:
+        """Every member's output on x in one launch, or None when a member cannot take it. The members' merged
+        flags and pre-hooks are read in `group_state`: each member guards its own ``merged`` when it is called, so
+        a compiled model need not check them again through the group."""
+        if not group_state(self):
             return None
+        weights, biases, As, Bs = [], [], [], []
         for m in self.members:
-            plain = None if m.merged else m._frozen_plain_weights(m._modules["base_layer"], x)
+            constants = layer_constants(m)
+            plain = frozen_plain_weights(m, constants, m._modules["base_layer"], x)
             if plain is None:
                 return None
-            A, B = m._pair(x.device, x.dtype)
+            A, B = layer_pair(m, constants, adapter, x.device, x.dtype)
             weights.append(plain[0])
             biases.append(plain[1])
             As.append(A)
             Bs.append(B)
         return lora_linear.frozen_linear_lora_group(x, weights, biases, As, Bs)
+
+
+@torch.compiler.assume_constant_result
+def group_state(group: SiblingGroup) -> bool:
+    """Whether every member is unmerged and has no forward pre-hook (which may change a sibling's input before it
+    runs). A constant under ``torch.compile``: each member's own call guards its ``merged``, and module hooks added
+    after compilation are not seen by a compiled model in any case (``torch._dynamo.config.skip_nnmodule_hook_guards``)."""
+    return not any(m.merged or m._forward_pre_hooks for m in group.members)
 
 
 def find_groups(model: nn.Module, layer_type: type, eager: bool = False) -> list[SiblingGroup]:
@@ -91,16 +119,17 @@ def find_groups(model: nn.Module, layer_type: type, eager: bool = False) -> list
     groups = []
     for module in model.modules():
         for names in SIBLING_NAMES:
-            members = [module._modules[n] for n in names if isinstance(module._modules.get(n), layer_type)]
-            if len(members) >= 2 and len({m.in_features for m in members}) == 1:
-                groups.append(SiblingGroup(members, eager))
+            present = tuple(n for n in names if isinstance(module._modules.get(n), layer_type))
+            if len(present) >= 2 and len({module._modules[n].in_features for n in present}) == 1:
+                groups.append(SiblingGroup(module, present, eager))
     return groups
 
 
 def link(groups: list[SiblingGroup], layers: list[nn.Module]) -> None:
-    """Point each layer at its group (``layer._siblings = (group, index)``), or at None when not in ``groups``."""
+    """Point each layer at its group: ``layer._siblings = (index of the group in groups, index in the group)``, or
+    None when in no group."""
     for layer in layers:
         layer.__dict__["_siblings"] = None
-    for group in groups:
+    for g, group in enumerate(groups):
         for i, m in enumerate(group.members):
-            m.__dict__["_siblings"] = (group, i)
+            m.__dict__["_siblings"] = (g, i)
