@@ -293,8 +293,9 @@ def _guard_text(model, ids) -> str:
 
 def test_compiled_model_guards_each_adapted_layer_lightly():
     """Every guard is evaluated at every call of a compiled model (the host time of a decoded token), so an adapted
-    layer may be guarded on its identity, ``merged``, ``_siblings`` and its base layer's parameters, and nothing
-    else: its spec, dropout, training flag and root are constants of the layer object (``layer_constants``), and a
+    layer may be guarded on its type, its one tuple of state (``_state``: merged, sibling group, slot, slice, shape,
+    whether it has dropout) and its base layer's parameters, and nothing else (not its spec, dropout module, training
+    flag or root), and a
     sibling group reaches its members through their parent module, not through references of its own. The root each
     layer holds costs one identity check per layer."""
     model = adapted(2).eval()
@@ -306,7 +307,7 @@ def test_compiled_model_guards_each_adapted_layer_lightly():
             _, found, rest = source.partition(f"._modules['{name}']")
             if found:
                 reads.add(re.match(r"(\.\w+(\['\w+'\])?)?", rest).group(0))
-    assert reads == {"", ".__dict__", ".merged", "._siblings", "._modules", "._modules['base_layer']"}
+    assert reads == {"", ".__dict__", "._state", "._modules", "._modules['base_layer']"}
     # the root, reached from each layer: one identity check per layer, nothing read through it
     roots = [line for line in text.splitlines() if "_unilora_root" in line]
     assert len(roots) == len(names) * 2 and all("LAMBDA_GUARD: L['model'] is L['model']" in r for r in roots)
@@ -321,8 +322,8 @@ def test_compiled_model_guards_each_adapted_layer_lightly():
 
 
 def test_compiled_model_sees_a_new_adapter_on_the_same_model():
-    """The layer constants are guarded by the layer object's identity: a compiled model whose adapter is unloaded
-    and replaced by another of another layout recompiles and computes the new adapter, not the traced one."""
+    """The layer constants are guarded by value: a compiled model whose adapter is unloaded and replaced by another
+    of another layout recompiles and computes the new adapter, not the traced one."""
     model = adapted(2).eval()
     ids = tokens(model, 1, 3)
     compiled = torch.compile(model, backend="eager")

@@ -103,7 +103,7 @@ def test_groups_are_the_named_siblings_of_one_module():
     names = {tuple(n.rsplit(".", 1)[1] for n in (m.spec.name for m in g.members)) for g in groups}
     assert names == {("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")}
     assert len(groups) == 4
-    assert all(groups[m._siblings[0]].members[m._siblings[1]] is m for g in groups for m in g.members)
+    assert all(groups[m.siblings[0]].members[m.siblings[1]] is m for g in groups for m in g.members)
     assert ("q_proj", "k_proj", "v_proj") in SIBLING_NAMES
 
 

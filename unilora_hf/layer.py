@@ -19,14 +19,10 @@ from .kernels import lora_linear, project_slice
 from .layout import LayerSpec, lora_views
 
 
-@torch.compiler.assume_constant_result
 def layer_constants(layer: "UniLoraLinear") -> tuple[int, int, int, int, int, bool]:
     """(slot, offset, r, in_features, out_features, has_dropout) of an adapted layer: its place in the adapter's
-    layer list, its slice of θ_D, its shape, and whether it holds a dropout module. None of these change for one
-    layer object, so under ``torch.compile`` they are traced as constants that the layer's identity alone guards,
-    where reading them attribute by attribute adds about a dozen guards per layer, each evaluated at every call
-    of the compiled model (the host time of a decoded token)."""
-    return layer.__dict__["_constants"]
+    layer list, its slice of θ_D, its shape, and whether it holds a dropout module (a slice of ``layer._state``)."""
+    return layer._state[3:]
 
 
 class UniLoraLinear(nn.Module):
@@ -35,12 +31,34 @@ class UniLoraLinear(nn.Module):
         self.base_layer = base_layer
         self.unilora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.spec = spec
-        self.merged = False
-        self.__dict__["_constants"] = (slot, spec.offset, spec.r, spec.in_features, spec.out_features, dropout > 0)
+        # What the forward reads of the layer, as one tuple of constants: (merged, sibling group or -1, index in
+        # the group, then `layer_constants`). Under torch.compile each read is a guard evaluated at every call of the
+        # compiled model (the host time of a decoded token): one equality guard on this tuple instead of a dozen
+        # on the spec's fields, the flags and the dropout module. `merged` and `siblings` rebuild it.
+        self.__dict__["_state"] = (False, -1, 0, slot, spec.offset, spec.r, spec.in_features, spec.out_features,
+                                   dropout > 0)
         # A plain reference, not a submodule: the root owns θ_d and must not become our child.
         self.__dict__["_unilora_root"] = root
-        # (group, index) when layers that read our input share a launch: the group is adapter._groups[group]
-        self.__dict__["_siblings"] = None
+
+    @property
+    def merged(self) -> bool:
+        """Whether ΔW is merged into the base weight."""
+        return self._state[0]
+
+    @merged.setter
+    def merged(self, value: bool) -> None:
+        self.__dict__["_state"] = (bool(value),) + self._state[1:]
+
+    @property
+    def siblings(self) -> tuple[int, int] | None:
+        """(index of its group in ``UniLoraAdapter._groups``, index in the group) when layers that read this layer's
+        input share one launch with it (`siblings.SiblingGroup`), else None."""
+        group, index = self._state[1:3]
+        return None if group < 0 else (group, index)
+
+    @siblings.setter
+    def siblings(self, value: tuple[int, int] | None) -> None:
+        self.__dict__["_state"] = (self._state[0],) + (value or (-1, 0)) + self._state[3:]
 
     @property
     def weight(self) -> torch.Tensor:
@@ -70,16 +88,16 @@ class UniLoraLinear(nn.Module):
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         base = self._modules["base_layer"]
         adapter = self._unilora_root.unilora_adapter
-        if self.merged or not adapter.enabled:
+        state = self._state
+        if state[0] or not adapter.enabled:  # merged, or disabled
             return base(x, *args, **kwargs)
         if adapter._mixed is not None:
             return self._mixed_forward(adapter._mixed, base, x, *args, **kwargs)
-        constants = layer_constants(self)
+        constants = state[3:]
         plain = None if args or kwargs else frozen_plain_weights(self, constants, base, x)
         if plain is not None:
-            siblings = self._siblings
-            if siblings is not None:
-                y = adapter._groups[siblings[0]].forward(siblings[1], x, adapter)
+            if state[1] >= 0:  # in a sibling group
+                y = adapter._groups[state[1]].forward(state[2], x, adapter)
                 if y is not None:
                     return y
             A, B = layer_pair(self, constants, adapter, x.device, x.dtype)

@@ -37,7 +37,7 @@ class SiblingGroup:
     Under ``torch.compile`` every object the traced code reaches through a new path costs a guard at every call of
     the compiled model, and one reached through two paths an aliasing check on top. So the members are read through
     ``parent`` (which the model's own forward has reached already), and each layer finds its group through the
-    adapter (``UniLoraAdapter._groups``, indexed by the ints of ``layer._siblings``), not through a reference of its
+    adapter (``UniLoraAdapter._groups``, indexed by the ints of ``layer.siblings``), not through a reference of its
     own."""
 
     __slots__ = ("parent", "names", "eager", "_x", "_version", "_kept")  # no instance dict: fewer guards
@@ -86,13 +86,13 @@ class SiblingGroup:
         return outputs[index]
 
     def _run_all(self, x: torch.Tensor, adapter) -> list[torch.Tensor] | None:
-        """Every member's output on x in one launch, or None when a member cannot take it. The members' merged
-        flags and pre-hooks are read in `group_state`: each member guards its own ``merged`` when it is called, so
-        a compiled model need not check them again through the group."""
-        if not group_state(self):
+        """Every member's output on x in one launch, or None when a member cannot take it (merged, or with a forward
+        pre-hook, which may change a sibling's input before it runs)."""
+        members = self.members
+        if any(m._state[0] or m._forward_pre_hooks for m in members):  # merged: the tuple the member's call reads
             return None
         weights, biases, As, Bs = [], [], [], []
-        for m in self.members:
+        for m in members:
             constants = layer_constants(m)
             plain = frozen_plain_weights(m, constants, m._modules["base_layer"], x)
             if plain is None:
@@ -103,14 +103,6 @@ class SiblingGroup:
             As.append(A)
             Bs.append(B)
         return lora_linear.frozen_linear_lora_group(x, weights, biases, As, Bs)
-
-
-@torch.compiler.assume_constant_result
-def group_state(group: SiblingGroup) -> bool:
-    """Whether every member is unmerged and has no forward pre-hook (which may change a sibling's input before it
-    runs). A constant under ``torch.compile``: each member's own call guards its ``merged``, and module hooks added
-    after compilation are not seen by a compiled model in any case (``torch._dynamo.config.skip_nnmodule_hook_guards``)."""
-    return not any(m.merged or m._forward_pre_hooks for m in group.members)
 
 
 def find_groups(model: nn.Module, layer_type: type, eager: bool = False) -> list[SiblingGroup]:
@@ -126,10 +118,10 @@ def find_groups(model: nn.Module, layer_type: type, eager: bool = False) -> list
 
 
 def link(groups: list[SiblingGroup], layers: list[nn.Module]) -> None:
-    """Point each layer at its group: ``layer._siblings = (index of the group in groups, index in the group)``, or
+    """Point each layer at its group: ``layer.siblings = (index of the group in groups, index in the group)``, or
     None when in no group."""
     for layer in layers:
-        layer.__dict__["_siblings"] = None
+        layer.siblings = None
     for g, group in enumerate(groups):
         for i, m in enumerate(group.members):
-            m.__dict__["_siblings"] = (g, i)
+            m.siblings = (g, i)
