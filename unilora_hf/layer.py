@@ -87,9 +87,11 @@ class UniLoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         base = self._modules["base_layer"]
-        adapter = self._unilora_root.unilora_adapter
         state = self._state
-        if state[0] or not adapter.enabled:  # merged, or disabled
+        if state[0]:  # merged: ΔW is in the base weight (the root is not read: one guard less per layer)
+            return base(x, *args, **kwargs)
+        adapter = self._unilora_root.unilora_adapter
+        if not adapter.enabled:
             return base(x, *args, **kwargs)
         if adapter._mixed is not None:
             return self._mixed_forward(adapter._mixed, base, x, *args, **kwargs)
