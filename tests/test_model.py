@@ -40,6 +40,26 @@ def test_adapted_output_is_base_plus_BAx(arch):
     assert (output(model, ids) - base).abs().max() > 0
 
 
+def test_injection_keeps_the_model_mode():
+    """Layers wrapped in a model in eval mode are in eval mode: with dropout configured, two inference passes agree
+    (before, a new wrapper started in training mode and applied dropout to the adapter's branch). In training mode
+    the dropout is active."""
+    config = UniLoraConfig(r=2, theta_d_length=64, target_modules="all-linear", unilora_dropout=0.5)
+    model = tiny_llama().eval()
+    adapter = inject_adapter(model, config)
+    with torch.no_grad():
+        adapter.theta_d.uniform_(-0.3, 0.3, generator=torch.Generator().manual_seed(2))
+    ids = tokens(model)
+    assert not any(layer.training or layer.unilora_dropout.training for _, layer in adapter.wrapped_layers())
+    assert torch.equal(output(model, ids), output(model, ids))
+    model.train()
+    torch.manual_seed(0)
+    first = model(input_ids=ids).logits.detach()
+    assert not torch.equal(first, model(input_ids=ids).logits.detach())
+    trained = tiny_llama().train()
+    assert all(layer.training for _, layer in inject_adapter(trained, config).wrapped_layers())
+
+
 def test_theta_gradient_matches_dense_projection_in_float64():
     model = tiny_llama()
     adapter = inject_adapter(model, UniLoraConfig(r=2, theta_d_length=131, target_modules="all-linear"))

@@ -39,6 +39,7 @@ class UniLoraLinear(nn.Module):
                                    dropout > 0)
         # A plain reference, not a submodule: the root owns θ_d and must not become our child.
         self.__dict__["_unilora_root"] = root
+        self.train(base_layer.training)  # a model in eval mode stays so: no dropout switched on by injection
 
     @property
     def merged(self) -> bool:
