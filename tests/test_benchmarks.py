@@ -43,13 +43,14 @@ def results(tmp_path_factory):
         [str(BENCH / "inference.py"), "--tiny", "--out", str(out / "inference.json")],
         [str(BENCH / "multi_adapter.py"), "--tiny", "--out", str(out / "multi.json")],
         [str(BENCH / "inference.py"), "--tiny", "--compile", "--rounds", "2", "--out", str(out / "static.json")],
+        [str(BENCH / "guard_cost.py"), "--layers", "2", "--repeats", "2", "--out", str(out / "guards.json")],
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     env.pop("UNILORA_HF_KERNELS", None)
     proc = subprocess.run([sys.executable, "-c", DRIVER.format(bench=str(BENCH), runs=runs)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return {name: json.loads((out / f"{name}.json").read_text()) for name in ("train", "load", "inference", "multi", "static")} | {
+    return {name: json.loads((out / f"{name}.json").read_text()) for name in ("train", "load", "inference", "multi", "static", "guards")} | {
         "stdout": proc.stdout}
 
 
@@ -207,6 +208,18 @@ def test_train_step_compiled_and_interleaved(tmp_path):
             assert row["params_moved"] is True
     assert set(rec["targets"]) == {"compiled step <= 1.15 x compiled floor", "compiled step < compiled PEFT LoRA",
                                    "eager step <= 1.3 x eager floor"}
+
+
+def test_guard_cost_record(results):
+    """One compiled frame for the base, two with the adapter (the root's pre-hook, then the model); the adapter's
+    model frame has more guards than the base's, each frame was timed."""
+    rows = results["guards"]["rows"]
+    assert list(rows) == ["base", "unilora_hf", "unilora_hf_ungrouped"]
+    assert len(rows["base"]) == 1 and len(rows["unilora_hf"]) == len(rows["unilora_hf_ungrouped"]) == 2
+    assert all(f["cold_us"] > 0 and f["warm_us"] > 0 and f["guard_lines"] > 10 for frames in rows.values()
+               for f in frames)
+    assert rows["unilora_hf"][1]["guard_lines"] > rows["base"][0]["guard_lines"]
+    assert "| unilora_hf_ungrouped |" in results["stdout"]
 
 
 def test_bad_arguments_are_named(capsys):
