@@ -50,8 +50,8 @@ def results(tmp_path_factory):
     proc = subprocess.run([sys.executable, "-c", DRIVER.format(bench=str(BENCH), runs=runs)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return {name: json.loads((out / f"{name}.json").read_text()) for name in ("train", "load", "inference", "multi", "static", "guards")} | {
-        "stdout": proc.stdout}
+    names = ("train", "load", "inference", "multi", "static", "guards")
+    return {name: json.loads((out / f"{name}.json").read_text()) for name in names} | {"stdout": proc.stdout}
 
 
 def _no_errors(rows: dict) -> None:

@@ -322,7 +322,9 @@ class UniLoraAdapter:
         return [(parts[2 * i].view(s.r, s.in_features), parts[2 * i + 1].view(s.out_features, s.r))
                 for i, s in enumerate(self.layers)]
 
-    def lora_pair(self, constants: tuple, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def lora_pair(
+        self, constants: tuple, device: torch.device, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(A, B) of the layer with ``constants`` (`layer.layer_constants`) for the current root pass, in ``dtype``
         on ``device`` (read out in float32, rounded once), or None outside a root pass or inside backward."""
         if self._forward_depth == 0:

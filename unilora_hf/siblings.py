@@ -4,10 +4,10 @@ An attention block calls ``q_proj(x)``, ``k_proj(x)`` and ``v_proj(x)`` one afte
 ``gate_proj(x)`` and ``up_proj(x)``. While decoding under ``torch.compile`` (at most
 ``lora_linear.COMPILED_FUSED_ROWS`` rows, autograd not recording, the triton backend), the first sibling to run
 computes every sibling's output in one Kernel D launch (``lora_linear.frozen_linear_lora_group``: each output has
-the bits of that layer's own launch) and keeps the others'. A sibling called next with the very same x (the same tensor object, not modified in place since:
-its version counter) takes its output from there; a sibling called with any other x computes its own. Inference
-tensors (``torch.inference_mode``) and tensors traced by ``torch.compile`` have no version counter to read: there
-the same object is the test, and an in-place change of x between two siblings' calls is not seen. No group forms
+the bits of that layer's own launch) and keeps the others'. A sibling called next with the very same x (the same
+tensor object, not modified in place since: its version counter) takes its output from there; a sibling called
+with any other x computes its own. Inference tensors (``torch.inference_mode``) and tensors traced by
+``torch.compile`` have no version counter to read: there the same object is the test, and an in-place change of x between two siblings' calls is not seen. No group forms
 while a member has a forward pre-hook (which may change its input). What is kept is dropped when the root pass
 ends (``UniLoraAdapter._close_pass``).
 
