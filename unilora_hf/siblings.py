@@ -7,8 +7,8 @@ computes every sibling's output in one Kernel D launch (``lora_linear.frozen_lin
 the bits of that layer's own launch) and keeps the others'. A sibling called next with the very same x (the same
 tensor object, not modified in place since: its version counter) takes its output from there; a sibling called
 with any other x computes its own. Inference tensors (``torch.inference_mode``) and tensors traced by
-``torch.compile`` have no version counter to read: there the same object is the test, and an in-place change of x between two siblings' calls is not seen. No group forms
-while a member has a forward pre-hook (which may change its input). What is kept is dropped when the root pass
+``torch.compile`` have no version counter to read: there the same object is the test, and an in-place change of x
+between two siblings' calls is not seen. No group forms while a member has a forward pre-hook (which may change its input). What is kept is dropped when the root pass
 ends (``UniLoraAdapter._close_pass``).
 
 Only the sibling sets of ``SIBLING_NAMES`` are grouped (children of one module, with the same input width), so no
