@@ -8,8 +8,8 @@ the bits of that layer's own launch) and keeps the others'. A sibling called nex
 tensor object, not modified in place since: its version counter) takes its output from there; a sibling called
 with any other x computes its own. Inference tensors (``torch.inference_mode``) and tensors traced by
 ``torch.compile`` have no version counter to read: there the same object is the test, and an in-place change of x
-between two siblings' calls is not seen. No group forms while a member has a forward pre-hook (which may change its input). What is kept is dropped when the root pass
-ends (``UniLoraAdapter._close_pass``).
+between two siblings' calls is not seen. No group forms while a member has a forward pre-hook (which may change
+its input). What is kept is dropped when the root pass ends (``UniLoraAdapter._close_pass``).
 
 Only the sibling sets of ``SIBLING_NAMES`` are grouped (children of one module, with the same input width), so no
 launch is spent on a layer that is not about to read that x. Compiled, one launch instead of three (or two) is
