@@ -17,9 +17,10 @@ Rows (``--only`` picks some, comma-separated):
     peft_unilora     PEFT 0.21's UniLoRA tuner, r, d = theta_d_length, proj_seed 42.
     unilora_hf       unilora_hf, native projection (kernels as dispatched for the device).
     unilora_hf_peft  unilora_hf with projection="peft" (PEFT-identical projection, CSR inverse cached).
-    unilora_hf_after unilora_hf with the order of the cuBLAS path before commit 3cf1673: the base GEMM first,
-                     then the rank-r GEMM reads and writes y (and dx) to add its term; for an A/B of the two
-                     orders in one process (the library's ``_base_plus_lora`` and ``_dx`` swapped at each step).
+    unilora_hf_ungrouped
+                     unilora_hf with every adapted layer on its own: q/k/v and gate/up not run as one sibling set
+                     (``siblings``; under torch.compile a set reads x once for its rank-r inputs and sums one dx);
+                     for an A/B in one process. Not in the default rows.
 Peak memory: ``max_memory_allocated`` from just before the warm-up steps to the end of the row (model,
 optimizer state, activations); the model is freed (gc + empty_cache) between rows. "Adapter buffers" /
 "cache" / "host": bytes the adapter keeps besides its parameters (``common.adapter_state_bytes``);
@@ -58,7 +59,7 @@ ROWS = {
     "peft_unilora": "PEFT UniLoRA",
     "unilora_hf": "unilora_hf (native)",
     "unilora_hf_peft": "unilora_hf (peft projection)",
-    "unilora_hf_after": "unilora_hf (native), LoRA term added after the base GEMM",
+    "unilora_hf_ungrouped": "unilora_hf (native), sibling layers not grouped",
 }
 
 
@@ -89,7 +90,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         if getattr(args, name) is None:
             setattr(args, name, small if tiny else full)
     if args.only is None:
-        args.rows = [k for k in ROWS if k != "unilora_hf_after"]
+        args.rows = [k for k in ROWS if k != "unilora_hf_ungrouped"]
     else:
         args.rows = [k.strip() for k in args.only.split(",") if k.strip()]
     unknown = [k for k in args.rows if k not in ROWS]
@@ -122,11 +123,13 @@ def attach(key: str, model, args):
         model = get_peft_model(model, PeftUniLoraConfig(r=args.r, theta_d_length=args.d, proj_seed=42,
                                                         target_modules=common.LLAMA_TARGETS))
     else:
-        from unilora_hf import UniLoraConfig, inject_adapter
+        from unilora_hf import UniLoraConfig, get_adapter, inject_adapter
 
         kind = "peft" if key == "unilora_hf_peft" else "native"
         inject_adapter(model, UniLoraConfig(r=args.r, theta_d_length=args.d, proj_seed=42, projection=kind,
                                             target_modules=common.LLAMA_TARGETS))
+        if key == "unilora_hf_ungrouped":
+            get_adapter(model)._group_siblings(False)
     return model, [p for p in model.parameters() if p.requires_grad]
 
 
@@ -144,7 +147,6 @@ def run(key: str, args, cfg, device, dtype, ids) -> dict:
     opt = torch.optim.AdamW(params, lr=1e-4) if params else None
 
     def step():
-        use_order(key)
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         if opt is not None:
@@ -182,24 +184,6 @@ def run(key: str, args, cfg, device, dtype, ids) -> dict:
     return rec
 
 
-def _lora_after(x2, weight, bias, h, B):
-    return torch.nn.functional.linear(x2, weight, bias).addmm_(h, B.t())
-
-
-def _dx_after(g, weight, gB, A):
-    return (g @ weight).addmm_(gB, A)
-
-
-def use_order(key: str) -> None:
-    """The cuBLAS path's order for row ``key`` (see ``unilora_hf_after``); the custom ops look these up per call."""
-    from unilora_hf.kernels import lora_linear
-
-    if not hasattr(lora_linear, "_library_order"):
-        lora_linear._library_order = (lora_linear._base_plus_lora, lora_linear._dx)
-    after = key == "unilora_hf_after"
-    lora_linear._base_plus_lora, lora_linear._dx = (_lora_after, _dx_after) if after else lora_linear._library_order
-
-
 def build_variant(key: str, mode: str | None, args, cfg, device, dtype, ids) -> dict:
     """One resident row: the model with its adapter, eager (mode None) or compiled with ``mode``, and its step."""
     t0 = time.perf_counter()
@@ -210,7 +194,6 @@ def build_variant(key: str, mode: str | None, args, cfg, device, dtype, ids) -> 
     graphs = mode == "reduce-overhead"
 
     def step():
-        use_order(key)
         if graphs:
             torch.compiler.cudagraph_mark_step_begin()
         loss = run_model(input_ids=ids, labels=ids).loss
@@ -289,10 +272,7 @@ def profile(step, n: int, device) -> dict:
 
 
 def main(argv=None) -> dict:
-    try:
-        return _main(parse_args(argv))
-    finally:
-        use_order("floor")  # the library's own order again
+    return _main(parse_args(argv))
 
 
 def _main(args) -> dict:

@@ -253,10 +253,9 @@ def test_bad_arguments_are_named(capsys):
     assert "--only: unknown row(s) ['lora']" in capsys.readouterr().err
 
 
-def test_train_step_order_rows_compute_the_same_step(tmp_path):
-    """The A/B row ``unilora_hf_after`` (the LoRA term added after the base GEMM) trains the same model as
-    ``unilora_hf`` (the term first, added by the base GEMM): the same losses on the CPU eager path, the library's
-    own order back after the run, and the swap reaching the op the compiled path runs (each order's bits)."""
+def test_train_step_ungrouped_row(tmp_path):
+    """The A/B row ``unilora_hf_ungrouped`` attaches the same adapter with no sibling set (``unilora_hf`` keeps q/k/v
+    and gate/up grouped) and trains the same model: the same losses on the CPU eager path, where no group runs."""
     sys.path.insert(0, str(BENCH))
     try:
         import train_step
@@ -264,26 +263,16 @@ def test_train_step_order_rows_compute_the_same_step(tmp_path):
         sys.path.remove(str(BENCH))
     import torch
 
-    from unilora_hf.kernels import lora_linear
+    from unilora_hf import get_adapter
 
-    own = (lora_linear._base_plus_lora, lora_linear._dx)
-    rec = train_step.main(["--tiny", "--only", "unilora_hf,unilora_hf_after", "--out", str(tmp_path / "t.json")])
+    args = train_step.parse_args(["--tiny", "--out", str(tmp_path / "t.json")])
+    cfg = train_step.common.llama_config("tiny")
+    groups = {key: len(get_adapter(train_step.attach(key, train_step.common.build_llama(cfg, "cpu", torch.float32),
+                                                     args)[0])._groups) for key in ("unilora_hf", "unilora_hf_ungrouped")}
+    assert groups == {"unilora_hf": 2 * cfg.num_hidden_layers, "unilora_hf_ungrouped": 0}
+    rec = train_step.main(["--tiny", "--only", "unilora_hf,unilora_hf_ungrouped", "--out", str(tmp_path / "t.json")])
     rows = rec["rows"]
     _no_errors(rows)
     for key in ("loss_first", "loss_last"):
-        assert rows["unilora_hf_after"][key] == pytest.approx(rows["unilora_hf"][key], rel=1e-5)
+        assert rows["unilora_hf_ungrouped"][key] == pytest.approx(rows["unilora_hf"][key], rel=1e-5)
     assert rows["unilora_hf"]["loss_last"] != rows["unilora_hf"]["loss_first"]
-    assert (lora_linear._base_plus_lora, lora_linear._dx) == own
-    # the swap reaches the compiled path's op, whose Python body looks the order up at each call
-    gen = torch.Generator().manual_seed(0)
-    x, W, b, A, B = (torch.randn(*shape, generator=gen) for shape in ((9, 40), (30, 40), (30,), (4, 40), (30, 4)))
-    op = torch.ops.unilora_hf.frozen_linear_lora
-    try:
-        train_step.use_order("unilora_hf_after")
-        after = op(x, W, b, A, B)[0]
-        assert torch.equal(after, torch.nn.functional.linear(x, W, b).addmm_(x @ A.T, B.T))
-    finally:
-        train_step.use_order("unilora_hf")
-    first = op(x, W, b, A, B)[0]
-    assert torch.equal(first, torch.addmm(b, x @ A.T, B.T).addmm_(x, W.T))
-    assert not torch.equal(first, after)  # float32 sums in two orders: different bits for these values

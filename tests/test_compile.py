@@ -92,6 +92,34 @@ def test_compiled_training_equals_eager_without_recompiles():
     assert dict(counters.get("recompiles", {})) == {}
 
 
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_compiled_training_with_activation_checkpointing(reentrant):
+    """With transformers' activation checkpointing the sibling sets launch per layer (keeping an output on the group
+    inside the checkpointed region would break the graph at every decoder layer): no break with a reason, no more
+    graphs than with the groups off, and the compiled step's loss and θ_d gradient equal the eager step's."""
+    counts, results = [], []
+    for grouped in (True, False):
+        dynamo.reset()
+        model = adapted()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        if not grouped:
+            get_adapter(model)._group_siblings(False)
+        ids = tokens(model, 2, 6)
+        explained = dynamo.explain(model)(input_ids=ids, labels=ids)
+        assert explained.break_reasons == [], [b.reason for b in explained.break_reasons]
+        counts.append(explained.graph_count)
+        dynamo.reset()
+        torch.compile(model)(input_ids=ids, labels=ids).loss.backward()
+        results.append(get_adapter(model).theta_d.grad)
+    assert counts[0] == counts[1], counts
+    eager = adapted()
+    eager.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    eager(input_ids=ids, labels=ids).loss.backward()
+    for got in results:
+        torch.testing.assert_close(got, get_adapter(eager).theta_d.grad, rtol=1e-4, atol=1e-6)
+    assert results[0].abs().max() > 1e-4
+
+
 def test_compiled_inference_reads_the_current_theta():
     model = adapted().eval()
     reference = adapted().eval()
@@ -430,8 +458,10 @@ class TestCuda:
 def test_compiled_training_adds_the_lora_product_in_place():
     """Traced as plain ops, ``y.addmm_(h, Bᵀ)`` becomes an out-of-place addmm that first copies y (one more read
     and write of every projection's output). The compiled step instead runs each adapted layer as the op
-    ``frozen_linear_lora`` and its dx as ``frozen_linear_lora_dx`` (both add in place): one per adapted layer in the
-    forward graph, one per layer whose input needs a gradient in the backward, and no addmm in either."""
+    ``frozen_linear_lora`` and its dx as ``frozen_linear_lora_dx`` (both add in place), and each sibling set (q/k/v,
+    gate/up) as ``frozen_linear_lora_siblings`` with its dx ``frozen_linear_lora_siblings_dx``: per decoder layer two
+    sets and two single layers (o, down) in the forward graph, the same in the backward where the input needs a
+    gradient, and no addmm in either."""
     from functorch.compile import make_boxed_func
     from torch._dynamo.backends.common import aot_autograd
 
@@ -452,8 +482,10 @@ def test_compiled_training_adds_the_lora_product_in_place():
     def count(kind, name):
         return sum(name == str(node.target) for gm in graphs[kind] for node in gm.graph.nodes)
 
-    assert count("forward", "unilora_hf.frozen_linear_lora.default") == 7 * layers
+    assert count("forward", "unilora_hf.frozen_linear_lora.default") == 2 * layers
+    assert count("forward", "unilora_hf.frozen_linear_lora_siblings.default") == 2 * layers
+    assert count("backward", "unilora_hf.frozen_linear_lora_dx.default") == 2 * layers
     # the first layer's q, k and v read the frozen embeddings' norm: no gradient wanted there
-    assert count("backward", "unilora_hf.frozen_linear_lora_dx.default") == 7 * layers - 3
+    assert count("backward", "unilora_hf.frozen_linear_lora_siblings_dx.default") == 2 * layers - 1
     assert count("forward", "aten.addmm.default") == count("backward", "aten.addmm.default") == 0
     assert get_adapter(model).theta_d.grad.abs().max() > 0

@@ -294,3 +294,46 @@ def test_compiled_path_dx_op_is_twice_differentiable():
     dx_op = torch.ops.unilora_hf.frozen_linear_lora_dx
     assert torch.autograd.gradcheck(lambda g, A, B: dx_op(g, W, A, B), (g, A, B))
     assert torch.autograd.gradgradcheck(lambda x, A, B: op(x, W, None, A, B)[0], (x, A, B))
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_sibling_ops_match_one_layer_at_a_time_and_pass_opcheck(with_bias):
+    """The ops of a compiled sibling set (``unilora_hf::frozen_linear_lora_siblings``, its backward's ``..._dx``):
+    opcheck, each output and every gradient (x, the stacked A, each B; an unused member's output too) against the
+    float64 composite of the layers one at a time, gradcheck and gradgradcheck in x, A and the Bs."""
+    torch.manual_seed(5)
+    outs, K, r, M = (7, 3, 3), 9, 2, 6
+    x = torch.randn(M, K, dtype=torch.float64, requires_grad=True)
+    Ws = [torch.randn(n, K, dtype=torch.float64) for n in outs]
+    bs = [torch.randn(n, dtype=torch.float64) if with_bias else None for n in outs]
+    As = [torch.randn(r, K, dtype=torch.float64, requires_grad=True) for _ in outs]
+    Bs = [torch.randn(n, r, dtype=torch.float64, requires_grad=True) for n in outs]
+    op, dx_op = torch.ops.unilora_hf.frozen_linear_lora_siblings, torch.ops.unilora_hf.frozen_linear_lora_siblings_dx
+    A = torch.cat(As).detach().requires_grad_()
+    torch.library.opcheck(op, (x, Ws, bs, A, Bs))
+    gs = [torch.randn(M, n, dtype=torch.float64, requires_grad=True) for n in outs]
+    torch.library.opcheck(dx_op, (gs, Ws, A, Bs))
+    got = lora_linear.frozen_linear_lora_siblings(x, Ws, bs, As, Bs)
+    want = [_composite(x, W, b, a, B) for W, b, a, B in zip(Ws, bs, As, Bs)]
+    for y, expected in zip(got, want):
+        torch.testing.assert_close(y, expected)
+    for used in ([0, 1, 2], [0, 2]):  # every output used, or k's left out (its gradient None)
+        inputs = (x, *As, *Bs)
+        grads, expected = (torch.autograd.grad(sum((ys[i] * gs[i]).sum() for i in used), inputs, retain_graph=True,
+                                               allow_unused=True, materialize_grads=True) for ys in (got, want))
+        for a, e in zip(grads, expected):
+            torch.testing.assert_close(a, e)
+    assert torch.autograd.gradcheck(lambda x, A, *Bs: op(x, Ws, bs, A, list(Bs))[:-1], (x, A, *Bs))
+    assert torch.autograd.gradcheck(lambda A, *Bs: op(x.detach(), Ws, bs, A, list(Bs)), (A, *Bs))  # h's too
+    assert torch.autograd.gradgradcheck(lambda x, A, *Bs: op(x, Ws, bs, A, list(Bs))[:-1], (x, A, *Bs))
+    assert torch.autograd.gradcheck(lambda A, *t: dx_op(list(t[:3]), Ws, A, list(t[3:])), (A, *gs, *Bs))
+
+
+def test_sibling_ops_refuse_mixed_ranks_and_biases():
+    x = torch.randn(4, 6)
+    Ws = [torch.randn(5, 6), torch.randn(3, 6)]
+    As, Bs = [torch.randn(2, 6), torch.randn(3, 6)], [torch.randn(5, 2), torch.randn(3, 3)]
+    assert lora_linear.frozen_linear_lora_siblings(x, Ws, [None, None], As, Bs) is None
+    As, Bs = [torch.randn(2, 6)] * 2, [torch.randn(5, 2), torch.randn(3, 2)]
+    assert lora_linear.frozen_linear_lora_siblings(x, Ws, [torch.randn(5), None], As, Bs) is None
+    assert len(lora_linear.frozen_linear_lora_siblings(x, Ws, [None, None], As, Bs)) == 2

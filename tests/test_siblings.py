@@ -15,7 +15,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from unilora_hf import UniLoraConfig, get_adapter, inject_adapter
-from unilora_hf.kernels import force_backend, linear_kernels
+from unilora_hf.kernels import force_backend, linear_kernels, lora_linear
 from unilora_hf.siblings import SIBLING_NAMES
 
 
@@ -124,18 +124,57 @@ def test_decoding_forward_takes_one_launch_per_sibling_set(monkeypatch, bias):
     assert torch.equal(got, want)
 
 
-def test_training_and_many_rows_launch_per_layer(monkeypatch):
-    """Autograd recording, or more than 16 rows: no grouped launch (the differentiable path, or the large tiles)."""
+def test_training_and_many_rows_take_the_gemm_group(monkeypatch):
+    """Autograd recording, or more than 16 rows: no Kernel D launch; each sibling set runs as one call of
+    ``frozen_linear_lora_siblings`` (cuBLAS GEMMs, x read once for the set's rank-r inputs)."""
     model = adapted(1)
+    calls = []
+    siblings = lora_linear.frozen_linear_lora_siblings
+    monkeypatch.setattr(lora_linear, "frozen_linear_lora_siblings", lambda x, *a: calls.append(x.shape) or siblings(x, *a))
     with force_backend("triton"):
         launches = Launches(monkeypatch)
         model.train()
         model(input_ids=ids(1, 3), labels=ids(1, 3)).loss.backward()
-        assert launches.group == 0
+        assert launches.group == 0 and len(calls) == 2
         model.eval()
         with torch.no_grad():
             model(input_ids=ids(2, 9))  # 18 rows
-        assert launches.group == 0
+        assert launches.group == 0 and len(calls) == 4 and launches.single == 2 + 2
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_training_through_the_gemm_group_equals_one_layer_at_a_time(bias):
+    """A training step with the sibling sets grouped gives the loss, the θ_d gradient and the embeddings' gradient
+    of the same model with every layer on its own (float32, the same maths in another order of the sums)."""
+    results = []
+    for grouped in (True, False):
+        model = adapted(2, bias=bias).train()
+        model.model.embed_tokens.weight.requires_grad_(True)
+        if not grouped:
+            get_adapter(model)._group_siblings(False)
+        loss = model(input_ids=ids(2, 5), labels=ids(2, 5)).loss
+        loss.backward()
+        results.append((loss.detach(), get_adapter(model).theta_d.grad, model.model.embed_tokens.weight.grad))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert results[0][1].abs().max() > 1e-4 and results[0][2].abs().max() > 1e-4
+
+
+def test_no_group_while_activation_checkpointing_records():
+    """Inside a region that activation checkpointing re-runs, a training call launches per layer (under
+    ``torch.compile`` keeping a sibling's output there would break the graph, ``tests/test_compile.py``); with
+    checkpointing off, or autograd not recording, the group applies again."""
+    model = adapted(1).train()
+    group = get_adapter(model)._groups[0]
+    assert group.checkpoint is model.model.layers[0]
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    x = torch.randn(1, 20, 32, requires_grad=True)  # more than 16 rows: the GEMM group, on any backend
+    assert group.forward(0, x, get_adapter(model)) is None
+    with torch.no_grad():
+        assert group.forward(0, x, get_adapter(model)) is not None
+    group.clear()
+    model.gradient_checkpointing_disable()
+    assert group.forward(0, x, get_adapter(model)) is not None
 
 
 def test_a_sibling_called_on_another_input_computes_its_own(monkeypatch):

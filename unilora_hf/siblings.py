@@ -40,12 +40,15 @@ class SiblingGroup:
     adapter (``UniLoraAdapter._groups``, indexed by the ints of ``layer.siblings``), not through a reference of its
     own."""
 
-    __slots__ = ("parent", "names", "eager", "_x", "_version", "_kept")  # no instance dict: fewer guards
+    __slots__ = ("parent", "names", "eager", "checkpoint", "_x", "_version", "_kept")  # no instance dict: fewer guards
 
-    def __init__(self, parent: nn.Module, names: tuple[str, ...], eager: bool = False):
+    def __init__(self, parent: nn.Module, names: tuple[str, ...], eager: bool = False,
+                 checkpoint: nn.Module | None = None):
         self.parent = parent
         self.names = names
         self.eager = eager  # also group outside torch.compile
+        # The nearest module above ``parent`` that activation checkpointing may re-run (`checkpointed`).
+        self.checkpoint = checkpoint
         self._x: torch.Tensor | None = None
         self._version: int | None = None
         self._kept: dict[int, torch.Tensor] = {}
@@ -64,11 +67,7 @@ class SiblingGroup:
         """The output on x of ``members[index]`` (kept from an earlier sibling's launch, or computed now for all of
         them), or None where a launch for the group does not apply (the caller runs that layer alone). ``adapter``:
         the members' `UniLoraAdapter`, passed by the caller, which has it at hand."""
-        if not (torch.compiler.is_compiling() or self.eager):
-            return None
-        if torch.is_grad_enabled() and (x.requires_grad or adapter.theta_d.requires_grad):
-            return None  # training: checked first, as this runs on every adapted layer call
-        if not x.dim() or x.numel() > lora_linear.COMPILED_FUSED_ROWS * x.shape[-1]:
+        if not (torch.compiler.is_compiling() or self.eager) or not x.dim():
             return None
         version = None if torch.compiler.is_compiling() or x.is_inference() else x._version
         if self._x is x and self._version == version and index in self._kept:
@@ -77,7 +76,11 @@ class SiblingGroup:
                 self.clear()
             return y
         self.clear()
-        outputs = self._run_all(x, adapter)
+        recording = torch.is_grad_enabled() and (x.requires_grad or adapter.theta_d.requires_grad)
+        if recording and checkpointed(self.checkpoint):
+            return None
+        few_rows = x.numel() <= lora_linear.COMPILED_FUSED_ROWS * x.shape[-1]
+        outputs = self._run_all(x, adapter, few_rows and not recording)
         if outputs is None:
             return None
         self._kept = {i: y for i, y in enumerate(outputs) if i != index}
@@ -85,9 +88,10 @@ class SiblingGroup:
             self._x, self._version = x, version
         return outputs[index]
 
-    def _run_all(self, x: torch.Tensor, adapter) -> list[torch.Tensor] | None:
-        """Every member's output on x in one launch, or None when a member cannot take it (merged, or with a forward
-        pre-hook, which may change a sibling's input before it runs)."""
+    def _run_all(self, x: torch.Tensor, adapter, decoding: bool) -> list[torch.Tensor] | None:
+        """Every member's output on x, or None when a member cannot take it (merged, or with a forward pre-hook, which
+        may change a sibling's input before it runs). ``decoding`` (few rows, autograd not recording): one Kernel D
+        launch, where it applies; else the GEMMs of ``lora_linear.frozen_linear_lora_siblings``."""
         members = self.members
         if any(m._state[0] or m._forward_pre_hooks for m in members):  # merged: the tuple the member's call reads
             return None
@@ -102,19 +106,44 @@ class SiblingGroup:
             biases.append(plain[1])
             As.append(A)
             Bs.append(B)
-        return lora_linear.frozen_linear_lora_group(x, weights, biases, As, Bs)
+        if decoding:
+            return lora_linear.frozen_linear_lora_group(x, weights, biases, As, Bs)
+        return lora_linear.frozen_linear_lora_siblings(x, weights, biases, As, Bs)
+
+
+def checkpointed(module: nn.Module | None) -> bool:
+    """Whether activation checkpointing re-runs ``module`` while autograd records: a checkpoint wrapper, or a module
+    with transformers' ``gradient_checkpointing`` flag on. A group inside one launches per layer when training: under
+    ``torch.compile`` the checkpointed region is traced as one higher-order op, in which keeping a sibling's output on
+    the group (an object from outside the region) would break the graph."""
+    if module is None:
+        return False
+    return type(module).__name__ == "CheckpointWrapper" or module.__dict__.get("gradient_checkpointing") is True
 
 
 def find_groups(model: nn.Module, layer_type: type, eager: bool = False) -> list[SiblingGroup]:
     """The sibling groups of ``model``: for each module, each set of ``SIBLING_NAMES`` whose children of type
-    ``layer_type`` (adapted layers) number two or more and share one input width (``eager``: as `SiblingGroup`)."""
+    ``layer_type`` (adapted layers) number two or more and share one input width (``eager``: as `SiblingGroup`), with
+    the nearest module above that activation checkpointing may re-run (a checkpoint wrapper, or a module with a
+    ``gradient_checkpointing`` attribute, as transformers' checkpointable layers have)."""
+    modules = dict(model.named_modules())
     groups = []
-    for module in model.modules():
+    for name, module in modules.items():
         for names in SIBLING_NAMES:
             present = tuple(n for n in names if isinstance(module._modules.get(n), layer_type))
             if len(present) >= 2 and len({module._modules[n].in_features for n in present}) == 1:
-                groups.append(SiblingGroup(module, present, eager))
+                groups.append(SiblingGroup(module, present, eager, _checkpoint_owner(modules, name)))
     return groups
+
+
+def _checkpoint_owner(modules: dict[str, nn.Module], name: str) -> nn.Module | None:
+    while name:
+        name = name.rpartition(".")[0]
+        owner = modules[name]
+        if type(owner).__name__ == "CheckpointWrapper" or "gradient_checkpointing" in owner.__dict__ or hasattr(
+                type(owner), "gradient_checkpointing"):
+            return owner
+    return None
 
 
 def link(groups: list[SiblingGroup], layers: list[nn.Module]) -> None:

@@ -286,6 +286,114 @@ def _compiled_op_backward(ctx, g, gh):
 _compiled_op.register_autograd(_compiled_op_backward, setup_context=_compiled_op_setup)
 
 
+@torch.library.custom_op("unilora_hf::frozen_linear_lora_siblings", mutates_args=())
+def _siblings_op(x2: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor | None], A: torch.Tensor,
+                 Bs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``[y_1, …, y_G, h]`` for G layers that read the same x2 (M×K): ``h = x2 Aᵀ`` (M × G·r) with A the members'
+    A_i stacked (G·r × K), so one GEMM reads x for every member's rank-r input; ``y_i = x Wᵢᵀ + bᵢ + hᵢ Bᵢᵀ`` by
+    ``_base_plus_lora``, hᵢ the i-th block of r columns of h."""
+    h = x2 @ A.t()
+    r = h.shape[1] // len(weights)
+    ys = [_base_plus_lora(x2, w, b, h[:, i * r:(i + 1) * r], B)
+          for i, (w, b, B) in enumerate(zip(weights, biases, Bs))]
+    return ys + [h]
+
+
+@_siblings_op.register_fake
+def _(x2, weights, biases, A, Bs):
+    return [x2.new_empty((x2.shape[0], w.shape[0])) for w in weights] + [x2.new_empty((x2.shape[0], A.shape[0]))]
+
+
+@torch.library.custom_op("unilora_hf::frozen_linear_lora_siblings_dx", mutates_args=())
+def _siblings_dx_op(gs: list[torch.Tensor], weights: list[torch.Tensor], A: torch.Tensor,
+                    Bs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dx, gB) of ``frozen_linear_lora_siblings``: ``gB = [g_1 B_1 | … | g_G B_G]`` (M × G·r) and
+    ``dx = gB A + Σ g_i W_i`` (M×K). One M×K product for the set's rank-r terms, then each base GEMM adds into that
+    buffer in place; one layer per call would write G products and G sums, and autograd would add them up."""
+    gB = torch.cat([g @ B for g, B in zip(gs, Bs)], dim=1)
+    dx = gB @ A
+    for g, w in zip(gs, weights):
+        dx.addmm_(g, w)
+    return dx, gB
+
+
+@_siblings_dx_op.register_fake
+def _(gs, weights, A, Bs):
+    return gs[0].new_empty((gs[0].shape[0], A.shape[1])), gs[0].new_empty((gs[0].shape[0], A.shape[0]))
+
+
+def _siblings_dx_setup(ctx, inputs, output):
+    gs, weights, A, Bs = inputs
+    ctx.members = len(gs)
+    ctx.save_for_backward(A, output[1], *gs, *weights, *Bs)
+
+
+def _siblings_dx_backward(ctx, u, v):
+    """Linear in the g_i, as ``_compiled_dx_backward``: w = u Aᵀ + v reaches gB, so dg_i = u Wᵢᵀ + wᵢ Bᵢᵀ,
+    dA = gBᵀ u, dB_i = g_iᵀ wᵢ (wᵢ: the i-th block of r columns of w)."""
+    A, gB, *rest = ctx.saved_tensors
+    n = ctx.members
+    gs, weights, Bs = rest[:n], rest[n:2 * n], rest[2 * n:]
+    need_g, _, need_A, need_B = ctx.needs_input_grad
+    r = A.shape[0] // n
+    w = torch.addmm(v, u, A.t())
+    blocks = [w[:, i * r:(i + 1) * r] for i in range(n)]
+    dgs = [(wi @ B.t()).addmm_(u, W.t()) if need else None for wi, B, W, need in zip(blocks, Bs, weights, need_g)]
+    dBs = [g.t() @ wi if need else None for g, wi, need in zip(gs, blocks, need_B)]
+    return dgs, [None] * n, gB.t() @ u if need_A else None, dBs
+
+
+_siblings_dx_op.register_autograd(_siblings_dx_backward, setup_context=_siblings_dx_setup)
+
+
+def _siblings_setup(ctx, inputs, output):
+    x2, weights, biases, A, Bs = inputs
+    ctx.set_materialize_grads(False)  # h's gradient is None unless a caller uses h; so is an unused member's
+    ctx.members = len(weights)
+    ctx.biases = [None] * len(biases) if any(b is not None for b in biases) else None  # the input's structure
+    ctx.save_for_backward(x2, A, output[-1], *weights, *Bs)
+
+
+def _siblings_backward(ctx, grads):
+    x2, A, h, *rest = ctx.saved_tensors
+    n = ctx.members
+    weights, Bs = rest[:n], rest[n:]
+    need_x, _, _, need_A, need_B = ctx.needs_input_grad
+    gh = grads[n]
+    gs = [x2.new_zeros((x2.shape[0], w.shape[0])) if g is None else g for g, w in zip(grads[:n], weights)]
+    r = A.shape[0] // n
+    dx = dA = gB = None
+    if need_x:
+        dx, gB = torch.ops.unilora_hf.frozen_linear_lora_siblings_dx(gs, list(weights), A, list(Bs))
+        if gh is not None:
+            dx = dx.addmm(gh, A)
+    elif need_A:
+        gB = torch.cat([g @ B for g, B in zip(gs, Bs)], dim=1)
+    if need_A:
+        dA = (gB if gh is None else gB + gh).t() @ x2
+    dBs = [g.t() @ h[:, i * r:(i + 1) * r] if need else None for i, (g, need) in enumerate(zip(gs, need_B))]
+    return dx, [None] * n, ctx.biases, dA, dBs
+
+
+_siblings_op.register_autograd(_siblings_backward, setup_context=_siblings_setup)
+
+
+def frozen_linear_lora_siblings(
+    x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor | None], As: list[torch.Tensor],
+    Bs: list[torch.Tensor],
+) -> list[torch.Tensor] | None:
+    """``[frozen_linear_lora(x, W_i, b_i, A_i, B_i)]`` for layers that read the same x, as the op
+    ``unilora_hf::frozen_linear_lora_siblings`` (cuBLAS GEMMs; differentiable in x, the A_i and the B_i): x is read
+    once for every member's ``x Aᵢᵀ`` and once for the stacked dA, and the backward's dx is one buffer for the set
+    (``frozen_linear_lora_siblings_dx``). For training steps and many rows under ``torch.compile``; None where the
+    members differ in rank or in having a bias (the caller runs each layer alone)."""
+    r = As[0].shape[0]
+    if any(A.shape[0] != r for A in As) or len({b is None for b in biases}) > 1:
+        return None
+    outputs = torch.ops.unilora_hf.frozen_linear_lora_siblings(_flat(x), weights, biases, torch.cat(As), Bs)
+    return [y.view(*x.shape[:-1], y.shape[-1]) for y in outputs[:-1]]
+
+
 def frozen_linear_lora(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor, B: torch.Tensor
 ) -> torch.Tensor:
