@@ -125,6 +125,30 @@ def test_merge_unmerge_unload(arch):
     assert torch.allclose(output(model, ids), base, atol=1e-5)
 
 
+def test_merged_adapter_takes_its_pass_hooks_off_the_root():
+    """A merged adapter reads nothing per pass: merge() removes the root's two pass hooks (and the kept readout),
+    unmerge() puts them back, and the adapter then trains and infers as before."""
+    model = tiny_llama()
+    hooks = (len(model._forward_pre_hooks), len(model._forward_hooks))
+    adapter = inject_adapter(model, CONFIGS["llama"])
+    ids = tokens(model)
+    with torch.no_grad():
+        adapter.theta_d.mul_(20)
+    model.eval()
+    adapted = output(model, ids)
+    assert adapter._static  # the inference readout, kept between passes
+    assert (len(model._forward_pre_hooks), len(model._forward_hooks)) == (hooks[0] + 1, hooks[1] + 1)
+    adapter.merge()
+    assert (len(model._forward_pre_hooks), len(model._forward_hooks)) == hooks and not adapter._static
+    torch.testing.assert_close(output(model, ids), adapted, rtol=1e-5, atol=1e-5)
+    adapter.unmerge()
+    assert (len(model._forward_pre_hooks), len(model._forward_hooks)) == (hooks[0] + 1, hooks[1] + 1)
+    torch.testing.assert_close(output(model, ids), adapted, rtol=1e-5, atol=1e-5)
+    model.train()
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert adapter.theta_d.grad.abs().max() > 0
+
+
 def test_merge_and_unload_keeps_the_adapted_function():
     model = tiny_gpt2()
     ids = tokens(model)

@@ -302,10 +302,21 @@ class UniLoraAdapter:
         link(self._groups, self._layer_modules)
 
     def _install_hooks(self) -> None:
+        if self._hooks:
+            return
         self._hooks = [
             self.model.register_forward_pre_hook(self._open_pass),
             self.model.register_forward_hook(self._close_pass, always_call=True),
         ]
+
+    def _remove_hooks(self) -> None:
+        """Take the root's pass hooks off (a merged adapter reads nothing per pass: under ``torch.compile`` the hooks
+        would still cost a frame of their own and its guards at every decoded token)."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+        self._forward_depth = 0
+        self._drop_pass_cache()
 
     def _any_merged(self) -> bool:
         if self._layer_modules is None:  # the wrapped layers are fixed from injection to unload
@@ -534,6 +545,8 @@ class UniLoraAdapter:
                     merge_delta_(weight.data, A, B, fan_in_fan_out=fifo)
                 layer.merged = True
                 merged_now.append(layer)
+        if all(layer.merged for _, layer in self.wrapped_layers()):
+            self._remove_hooks()
 
     def _unmerge_layer(self, theta_D: torch.Tensor, layer: UniLoraLinear) -> None:
         from .kernels import merge_delta_
@@ -557,6 +570,7 @@ class UniLoraAdapter:
         for _, layer in self.wrapped_layers():
             if layer.merged:
                 self._unmerge_layer(theta_D, layer)
+        self._install_hooks()
 
     def unload(self, merge: bool = False) -> nn.Module:
         """Remove the adapter and return the model. Without ``merge``: the original modules, biases and
@@ -593,10 +607,7 @@ class UniLoraAdapter:
     def _detach(self, restore_flags: bool) -> None:
         from . import peft_api
 
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks = []
-        self._drop_pass_cache()
+        self._remove_hooks()
         if THETA_NAME in self.model._parameters:
             delattr(self.model, THETA_NAME)
         self.model.__dict__.pop("unilora_adapter", None)
