@@ -4,13 +4,15 @@ Every Python object and attribute a traced forward reads becomes a guard that Dy
 the compiled model, before the graph (or its CUDA graph) runs. For a tiny Llama of ``--layers`` (22) decoder
 layers (hidden 64; all 7 projections adapted, r = 4), compiled static-cache ``generate`` (``backend="eager"``: the
 guards are Inductor's too, without its compile time), rows ``base``, ``unilora_hf`` (unmerged, sibling layers
-grouped) and ``unilora_hf_ungrouped``, each frame Dynamo compiles is reported with:
+grouped), ``unilora_hf_ungrouped`` and ``unilora_hf_merged`` (``merge()``), each frame Dynamo compiles is reported
+with:
 
 - ``guard_lines``: lines of its guard tree as Dynamo prints it (one per guard manager and per check);
 - ``cold_us``: Dynamo's own guard profiler (``profile_guard_manager``, caches flushed), best of ``--repeats`` (20);
 - ``warm_us``: median of 7 loops of 100 ``RootGuardManager.check`` calls.
 
-The model's frame is the larger one; the adapter adds a small frame for the root's pre-hook.
+The model's frame is the larger one; an unmerged adapter adds a small frame for the root's pre-hook (a merged one
+takes its hooks off).
 
     python benchmarks/guard_cost.py --out /tmp/guard_cost.json        # CPU, ~2 min
 """
@@ -27,7 +29,7 @@ import torch._dynamo.guards as dynamo_guards
 from transformers import LlamaConfig
 from transformers.generation import CompileConfig
 
-ROWS = ("base", "unilora_hf", "unilora_hf_ungrouped")
+ROWS = ("base", "unilora_hf", "unilora_hf_ungrouped", "unilora_hf_merged")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -48,6 +50,8 @@ def build(row: str, layers: int):
 
         inject_adapter(model, UniLoraConfig(r=4, theta_d_length=512, target_modules=common.LLAMA_TARGETS))
         get_adapter(model)._group_siblings(row == "unilora_hf")
+        if row == "unilora_hf_merged":
+            get_adapter(model).merge()
     return model
 
 

@@ -245,6 +245,11 @@ def run_compiled(args, cfg, device, dtype, folders, prompt, record: dict) -> Non
     for key, rec in record["rows"].items():
         if "ms_per_token" in rec and "ms_per_token" in base:
             rec["per_token_vs_base"] = rec["ms_per_token"] / base["ms_per_token"]
+            if "rounds_ms_per_token" in rec and len(rec["rounds_ms_per_token"]) == len(base["rounds_ms_per_token"]):
+                # rows of one round share the host's state: the ratio within each round, and their median
+                ratios = [t / b for t, b in zip(rec["rounds_ms_per_token"], base["rounds_ms_per_token"])]
+                rec["rounds_vs_base"] = ratios
+                rec["rounds_vs_base_median"] = statistics.median(ratios)
             rec["max_logit_change_vs_base"] = (rec["last_logits"] - base["last_logits"]).abs().max().item()
     for rec in record["rows"].values():
         rec.pop("last_logits", None)
@@ -255,10 +260,11 @@ def run_compiled(args, cfg, device, dtype, folders, prompt, record: dict) -> Non
             targets[name] = record["rows"][key]["per_token_vs_base"] <= limit
     record["targets"] = targets
     headers = ["run", "ms per token (median of rounds)", "round values ms", "spread %", "x base per token",
-               "warm-up s (compile)", "max logit change vs base"]
+               "x base, median of per-round ratios", "warm-up s (compile)", "max logit change vs base"]
     table = [[rec["label"], rec["ms_per_token"], " / ".join(f"{v:.2f}" for v in rec["rounds_ms_per_token"]),
-              rec["spread_pct"], rec.get("per_token_vs_base"), rec["warmup_s"], rec.get("max_logit_change_vs_base")]
-             if "ms_per_token" in rec else [key, "error: " + rec.get("error", "?")[:80]] + [None] * 5
+              rec["spread_pct"], rec.get("per_token_vs_base"), rec.get("rounds_vs_base_median"), rec["warmup_s"],
+              rec.get("max_logit_change_vs_base")]
+             if "ms_per_token" in rec else [key, "error: " + rec.get("error", "?")[:80]] + [None] * 6
              for key, rec in record["rows"].items()]
     s = record["settings"]
     record["total_s"] = time.perf_counter() - started

@@ -183,6 +183,10 @@ def test_static_cache_interleaved_record(results):
         assert len(row["rounds_ms_per_token"]) == 2 and row["ms_per_token"] > 0
         assert row["label"].endswith(", static cache")  # CPU: transformers compiles on CUDA only
     assert rows["base"]["per_token_vs_base"] == 1.0 and rows["peft_lora"]["max_logit_change_vs_base"] == 0
+    for row in rows.values():  # the ratio within each round, against the base's time of that round
+        assert row["rounds_vs_base"] == pytest.approx([t / b for t, b in zip(row["rounds_ms_per_token"],
+                                                                             rows["base"]["rounds_ms_per_token"])])
+        assert row["rounds_vs_base_median"] == pytest.approx(sum(row["rounds_vs_base"]) / 2)
     merged, unmerged = rows["unilora_hf_merged"], rows["unilora_hf_unmerged"]
     assert unmerged["max_logit_change_vs_base"] > 1e-5
     assert merged["max_logit_change_vs_base"] == pytest.approx(unmerged["max_logit_change_vs_base"], rel=1e-2)
@@ -211,11 +215,13 @@ def test_train_step_compiled_and_interleaved(tmp_path):
 
 
 def test_guard_cost_record(results):
-    """One compiled frame for the base, two with the adapter (the root's pre-hook, then the model); the adapter's
-    model frame has more guards than the base's, each frame was timed."""
+    """One compiled frame for the base and for a merged adapter (its pass hooks are off), two with an unmerged one
+    (the root's pre-hook, then the model); the adapter's model frame has more guards than the base's, each frame
+    was timed."""
     rows = results["guards"]["rows"]
-    assert list(rows) == ["base", "unilora_hf", "unilora_hf_ungrouped"]
-    assert len(rows["base"]) == 1 and len(rows["unilora_hf"]) == len(rows["unilora_hf_ungrouped"]) == 2
+    assert list(rows) == ["base", "unilora_hf", "unilora_hf_ungrouped", "unilora_hf_merged"]
+    assert len(rows["base"]) == len(rows["unilora_hf_merged"]) == 1
+    assert len(rows["unilora_hf"]) == len(rows["unilora_hf_ungrouped"]) == 2
     assert all(f["cold_us"] > 0 and f["warm_us"] > 0 and f["guard_lines"] > 10 for frames in rows.values()
                for f in frames)
     assert rows["unilora_hf"][1]["guard_lines"] > rows["base"][0]["guard_lines"]
