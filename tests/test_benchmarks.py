@@ -273,8 +273,10 @@ def test_train_step_ungrouped_row(tmp_path):
 
     args = train_step.parse_args(["--tiny", "--out", str(tmp_path / "t.json")])
     cfg = train_step.common.llama_config("tiny")
-    groups = {key: len(get_adapter(train_step.attach(key, train_step.common.build_llama(cfg, "cpu", torch.float32),
-                                                     args)[0])._groups) for key in ("unilora_hf", "unilora_hf_ungrouped")}
+    groups = {}
+    for key in ("unilora_hf", "unilora_hf_ungrouped"):
+        model, _ = train_step.attach(key, train_step.common.build_llama(cfg, "cpu", torch.float32), args)
+        groups[key] = len(get_adapter(model)._groups)
     assert groups == {"unilora_hf": 2 * cfg.num_hidden_layers, "unilora_hf_ungrouped": 0}
     rec = train_step.main(["--tiny", "--only", "unilora_hf,unilora_hf_ungrouped", "--out", str(tmp_path / "t.json")])
     rows = rec["rows"]

@@ -130,7 +130,8 @@ def test_training_and_many_rows_take_the_gemm_group(monkeypatch):
     model = adapted(1)
     calls = []
     siblings = lora_linear.frozen_linear_lora_siblings
-    monkeypatch.setattr(lora_linear, "frozen_linear_lora_siblings", lambda x, *a: calls.append(x.shape) or siblings(x, *a))
+    monkeypatch.setattr(lora_linear, "frozen_linear_lora_siblings",
+                        lambda x, *a: calls.append(x.shape) or siblings(x, *a))
     with force_backend("triton"):
         launches = Launches(monkeypatch)
         model.train()

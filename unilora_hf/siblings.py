@@ -1,21 +1,28 @@
-"""Sibling layers: adapted projections that read the same input, run as one kernel launch while decoding.
+"""Sibling layers: adapted projections that read the same input, run as one set under ``torch.compile``.
 
 An attention block calls ``q_proj(x)``, ``k_proj(x)`` and ``v_proj(x)`` one after another on the same x, an MLP
-``gate_proj(x)`` and ``up_proj(x)``. While decoding under ``torch.compile`` (at most
-``lora_linear.COMPILED_FUSED_ROWS`` rows, autograd not recording, the triton backend), the first sibling to run
-computes every sibling's output in one Kernel D launch (``lora_linear.frozen_linear_lora_group``: each output has
-the bits of that layer's own launch) and keeps the others'. A sibling called next with the very same x (the same
-tensor object, not modified in place since: its version counter) takes its output from there; a sibling called
-with any other x computes its own. Inference tensors (``torch.inference_mode``) and tensors traced by
-``torch.compile`` have no version counter to read: there the same object is the test, and an in-place change of x
-between two siblings' calls is not seen. No group forms while a member has a forward pre-hook (which may change
-its input). What is kept is dropped when the root pass ends (``UniLoraAdapter._close_pass``).
+``gate_proj(x)`` and ``up_proj(x)``. Under ``torch.compile`` the first sibling to run computes every sibling's output
+and keeps the others':
+
+- decoding (at most ``lora_linear.COMPILED_FUSED_ROWS`` rows, autograd not recording, the triton backend): one
+  Kernel D launch (``lora_linear.frozen_linear_lora_group``: each output has the bits of that layer's own launch);
+- training steps and many rows: the cuBLAS GEMMs of ``lora_linear.frozen_linear_lora_siblings``, which read x once
+  for the set's stacked ``x Aᵀ`` (and its dA) and add the set's dx into one buffer (no group inside a region that
+  activation checkpointing re-runs, `checkpointed`).
+
+A sibling called next with the very same x (the same tensor object, not modified in place since: its version
+counter) takes its output from there; a sibling called with any other x computes its own. Inference tensors
+(``torch.inference_mode``) and tensors traced by ``torch.compile`` have no version counter to read: there the same
+object is the test, and an in-place change of x between two siblings' calls is not seen. No group forms while a
+member has a forward pre-hook (which may change its input). What is kept is dropped when the root pass ends
+(``UniLoraAdapter._close_pass``).
 
 Only the sibling sets of ``SIBLING_NAMES`` are grouped (children of one module, with the same input width), so no
-launch is spent on a layer that is not about to read that x. Compiled, one launch instead of three (or two) is
-measured faster (the GPU's work per token falls to the base model's). Eager decoding is bound by the host, where
-this bookkeeping cost more than the launches it saves (1.39 × the base's time per token against 1.22 ×, H200,
-benchmarks/RESULTS.md): there each layer keeps its own launch unless a group is made with ``eager=True``.
+work is spent on a layer that is not about to read that x. Compiled, a set is measured faster than its layers one
+by one: decoding, one launch instead of three (or two) brings the GPU's work per token to the base model's; a
+training step at the 1.1B shape, 0.8–1.7 ms less (benchmarks/RESULTS.md, session 11). Eager decoding is bound by
+the host, where this bookkeeping cost more than the launches it saves (1.39 × the base's time per token against
+1.22 ×, H200): there each layer runs on its own unless a group is made with ``eager=True``.
 """
 
 from __future__ import annotations

@@ -27,8 +27,12 @@ on at most ``COMPILED_FUSED_ROWS`` rows (decoding) calls Kernel D through the cu
 ``unilora_hf::frozen_linear_lora_inference`` (a fake implementation gives its shape): one kernel per layer
 instead of three, the same bits as the eager layer, and a CUDA graph captures it. ``frozen_linear_lora_group``
 runs layers that read the same x (``siblings``: q/k/v, gate/up) as one Kernel D launch, eager or through the op
-``unilora_hf::frozen_linear_lora_inference_group``, each output with its own launch's bits. Every product
-accumulates in float32; h and gB are rounded to the activation dtype, as the unfused ops store them.
+``unilora_hf::frozen_linear_lora_inference_group``, each output with its own launch's bits. For training steps and
+many rows, ``frozen_linear_lora_siblings`` runs such a set as the op ``unilora_hf::frozen_linear_lora_siblings``:
+``h = x [A_1; …; A_G]ᵀ`` in one GEMM (x read once for the set), each ``y_i`` by ``_base_plus_lora``; its backward's
+op ``frozen_linear_lora_siblings_dx`` forms ``dx = [g_1 B_1 | … | g_G B_G] [A_1; …; A_G] + Σ g_i W_i`` in one
+buffer (each base GEMM adding in place), and dA for the set is one GEMM reading x once. Every product accumulates
+in float32; h and gB are rounded to the activation dtype, as the unfused ops store them.
 
 ``add_lora(result, x, A, B)`` is the general path (any base layer, dropout on the LoRA input):
 ``result + (x Aᵀ) Bᵀ`` as one GEMM into a new tensor. ``reference.lora_forward`` is the oracle of both.
