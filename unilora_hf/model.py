@@ -545,8 +545,7 @@ class UniLoraAdapter:
                     merge_delta_(weight.data, A, B, fan_in_fan_out=fifo)
                 layer.merged = True
                 merged_now.append(layer)
-        if all(layer.merged for _, layer in self.wrapped_layers()):
-            self._remove_hooks()
+        self._remove_hooks()  # every layer is merged now
 
     def _unmerge_layer(self, theta_D: torch.Tensor, layer: UniLoraLinear) -> None:
         from .kernels import merge_delta_

@@ -125,7 +125,11 @@ def checkpointed(module: nn.Module | None) -> bool:
     the group (an object from outside the region) would break the graph."""
     if module is None:
         return False
-    return type(module).__name__ == "CheckpointWrapper" or module.__dict__.get("gradient_checkpointing") is True
+    return _is_checkpoint_wrapper(module) or module.__dict__.get("gradient_checkpointing") is True
+
+
+def _is_checkpoint_wrapper(module: nn.Module) -> bool:
+    return type(module).__name__ == "CheckpointWrapper"  # torch.distributed's, as accelerate and FSDP apply it
 
 
 def find_groups(model: nn.Module, layer_type: type, eager: bool = False) -> list[SiblingGroup]:
@@ -147,8 +151,7 @@ def _checkpoint_owner(modules: dict[str, nn.Module], name: str) -> nn.Module | N
     while name:
         name = name.rpartition(".")[0]
         owner = modules[name]
-        if type(owner).__name__ == "CheckpointWrapper" or "gradient_checkpointing" in owner.__dict__ or hasattr(
-                type(owner), "gradient_checkpointing"):
+        if _is_checkpoint_wrapper(owner) or hasattr(owner, "gradient_checkpointing"):
             return owner
     return None
 

@@ -308,13 +308,18 @@ def _(x2, weights, biases, A, Bs):
     return [x2.new_empty((x2.shape[0], w.shape[0])) for w in weights] + [x2.new_empty((x2.shape[0], A.shape[0]))]
 
 
+def _stacked_gB(gs: list[torch.Tensor], Bs: list[torch.Tensor]) -> torch.Tensor:
+    """``[g_1 B_1 | … | g_G B_G]`` (M × G·r): the set's gB, laid out as its stacked A's rows."""
+    return torch.cat([g @ B for g, B in zip(gs, Bs)], dim=1)
+
+
 @torch.library.custom_op("unilora_hf::frozen_linear_lora_siblings_dx", mutates_args=())
 def _siblings_dx_op(gs: list[torch.Tensor], weights: list[torch.Tensor], A: torch.Tensor,
                     Bs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(dx, gB) of ``frozen_linear_lora_siblings``: ``gB = [g_1 B_1 | … | g_G B_G]`` (M × G·r) and
     ``dx = gB A + Σ g_i W_i`` (M×K). One M×K product for the set's rank-r terms, then each base GEMM adds into that
     buffer in place; one layer per call would write G products and G sums, and autograd would add them up."""
-    gB = torch.cat([g @ B for g, B in zip(gs, Bs)], dim=1)
+    gB = _stacked_gB(gs, Bs)
     dx = gB @ A
     for g, w in zip(gs, weights):
         dx.addmm_(g, w)
@@ -372,7 +377,7 @@ def _siblings_backward(ctx, grads):
         if gh is not None:
             dx = dx.addmm(gh, A)
     elif need_A:
-        gB = torch.cat([g @ B for g, B in zip(gs, Bs)], dim=1)
+        gB = _stacked_gB(gs, Bs)
     if need_A:
         dA = (gB if gh is None else gB + gh).t() @ x2
     dBs = [g.t() @ h[:, i * r:(i + 1) * r] if need else None for i, (g, need) in enumerate(zip(gs, need_B))]
