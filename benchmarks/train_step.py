@@ -21,6 +21,10 @@ Rows (``--only`` picks some, comma-separated):
                      unilora_hf with every adapted layer on its own: q/k/v and gate/up not run as one sibling set
                      (``siblings``; under torch.compile a set reads x once for its rank-r inputs and sums one dx);
                      for an A/B in one process. Not in the default rows.
+    unilora_hf_one_stream
+                     unilora_hf with a compiled backward's weight gradients on the caller's stream, not on a second
+                     one beside the base GEMMs (``lora_linear.SECOND_STREAM``); for an A/B in one process, with
+                     --compile. Not in the default rows.
 Peak memory: ``max_memory_allocated`` from just before the warm-up steps to the end of the row (model,
 optimizer state, activations); the model is freed (gc + empty_cache) between rows. "Adapter buffers" /
 "cache" / "host": bytes the adapter keeps besides its parameters (``common.adapter_state_bytes``);
@@ -60,6 +64,7 @@ ROWS = {
     "unilora_hf": "unilora_hf (native)",
     "unilora_hf_peft": "unilora_hf (peft projection)",
     "unilora_hf_ungrouped": "unilora_hf (native), sibling layers not grouped",
+    "unilora_hf_one_stream": "unilora_hf (native), weight gradients on one stream",
 }
 
 
@@ -90,7 +95,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         if getattr(args, name) is None:
             setattr(args, name, small if tiny else full)
     if args.only is None:
-        args.rows = [k for k in ROWS if k != "unilora_hf_ungrouped"]
+        args.rows = [k for k in ROWS if k not in ("unilora_hf_ungrouped", "unilora_hf_one_stream")]
     else:
         args.rows = [k.strip() for k in args.only.split(",") if k.strip()]
     unknown = [k for k in args.rows if k not in ROWS]
@@ -186,6 +191,8 @@ def run(key: str, args, cfg, device, dtype, ids) -> dict:
 
 def build_variant(key: str, mode: str | None, args, cfg, device, dtype, ids) -> dict:
     """One resident row: the model with its adapter, eager (mode None) or compiled with ``mode``, and its step."""
+    from unilora_hf.kernels import lora_linear
+
     t0 = time.perf_counter()
     base = common.build_llama(cfg, device, dtype, seed=0).train()
     model, params = attach(key, base, args)
@@ -194,6 +201,7 @@ def build_variant(key: str, mode: str | None, args, cfg, device, dtype, ids) -> 
     graphs = mode == "reduce-overhead"
 
     def step():
+        lora_linear.SECOND_STREAM = key != "unilora_hf_one_stream"  # read as the compiled backward is captured
         if graphs:
             torch.compiler.cudagraph_mark_step_begin()
         loss = run_model(input_ids=ids, labels=ids).loss
@@ -201,6 +209,7 @@ def build_variant(key: str, mode: str | None, args, cfg, device, dtype, ids) -> 
         if opt is not None:
             opt.step()
             opt.zero_grad(set_to_none=True)
+        lora_linear.SECOND_STREAM = True
         return loss.detach().float()
 
     return {"key": key, "mode": mode or "eager", "step": step, "params": params, "model": model,

@@ -284,3 +284,27 @@ def test_train_step_ungrouped_row(tmp_path):
     for key in ("loss_first", "loss_last"):
         assert rows["unilora_hf_ungrouped"][key] == pytest.approx(rows["unilora_hf"][key], rel=1e-5)
     assert rows["unilora_hf"]["loss_last"] != rows["unilora_hf"]["loss_first"]
+
+
+def test_train_step_one_stream_row_runs_its_steps_with_the_second_stream_off(tmp_path):
+    """The A/B row ``unilora_hf_one_stream`` turns ``lora_linear.SECOND_STREAM`` off for its own steps only (read as
+    its compiled backward is captured) and back on after each; the other rows run with it on."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        import train_step
+    finally:
+        sys.path.remove(str(BENCH))
+    import torch
+
+    from unilora_hf.kernels import lora_linear
+
+    args = train_step.parse_args(["--tiny", "--out", str(tmp_path / "t.json")])
+    cfg = train_step.common.llama_config("tiny")
+    ids = train_step.common.random_tokens(cfg.vocab_size, 2, 8, torch.device("cpu"))
+    seen = {}
+    for key in ("unilora_hf", "unilora_hf_one_stream"):
+        v = train_step.build_variant(key, None, args, cfg, torch.device("cpu"), torch.float32, ids)
+        v["model"].register_forward_pre_hook(lambda *_, key=key: seen.update({key: lora_linear.SECOND_STREAM}))
+        assert torch.isfinite(v["step"]())
+        assert lora_linear.SECOND_STREAM
+    assert seen == {"unilora_hf": True, "unilora_hf_one_stream": False}

@@ -329,6 +329,85 @@ def test_sibling_ops_match_one_layer_at_a_time_and_pass_opcheck(with_bias):
     assert torch.autograd.gradcheck(lambda A, *t: dx_op(list(t[:3]), Ws, A, list(t[3:])), (A, *gs, *Bs))
 
 
+def _grads_case(outs, K, r, M, dtype, device="cpu", seed=7):
+    gen = torch.Generator(device=device).manual_seed(seed)
+    rnd = lambda *shape: torch.randn(*shape, generator=gen, device=device, dtype=torch.float32).to(dtype)
+    x2, A = rnd(M, K), rnd(len(outs) * r, K)
+    Ws, Bs, gs = [rnd(n, K) for n in outs], [rnd(n, r) for n in outs], [rnd(M, n) for n in outs]
+    return gs, Ws, A, Bs, x2, x2 @ A.t()
+
+
+def _grads_by_the_ops(gs, Ws, A, Bs, x2, h):
+    """The same backward from the differentiable ops (``..._dx``) and autograd's GEMMs, for comparison."""
+    r = A.shape[0] // len(gs)
+    if len(gs) == 1:
+        dx, gB = torch.ops.unilora_hf.frozen_linear_lora_dx(gs[0], Ws[0], A, Bs[0])
+    else:
+        dx, gB = torch.ops.unilora_hf.frozen_linear_lora_siblings_dx(gs, Ws, A, Bs)
+    return [dx, gB.t() @ x2] + [g.t() @ h[:, i * r:(i + 1) * r] for i, g in enumerate(gs)]
+
+
+@pytest.mark.parametrize("outs", [(5,), (7, 3, 3)])
+def test_backward_op_matches_the_dense_maths_and_the_differentiable_ops(outs, monkeypatch):
+    """``unilora_hf::frozen_linear_lora_grads`` (a layer's or a set's whole backward in one op): opcheck, the float64
+    dense maths (dx = Σ g_i W_i + Σ g_i B_i A_i, dA_i = (g_i B_i)ᵀ x, dB_i = g_iᵀ x A_iᵀ), and the same bits as the
+    differentiable ops it stands in for; the single layer's and the set's backward take it when nothing records,
+    and gradcheck (finite differences) passes through it."""
+    gs, Ws, A, Bs, x2, h = _grads_case(outs, K=9, r=2, M=6, dtype=torch.float64)
+    op = torch.ops.unilora_hf.frozen_linear_lora_grads
+    torch.library.opcheck(op, (gs, Ws, A, Bs, x2, h))
+    dx, dA, *dBs = op(gs, Ws, A, Bs, x2, h)
+    As = A.split(2)
+    torch.testing.assert_close(dx, sum(g @ W + (g @ B) @ a for g, W, B, a in zip(gs, Ws, Bs, As)))
+    torch.testing.assert_close(dA, torch.cat([(g @ B).t() @ x2 for g, B in zip(gs, Bs)]))
+    for g, a, dB in zip(gs, As, dBs):
+        torch.testing.assert_close(dB, g.t() @ (x2 @ a.t()))
+    for got, want in zip((dx, dA, *dBs), _grads_by_the_ops(gs, Ws, A, Bs, x2, h)):
+        assert torch.equal(got, want)
+    taken = []
+    decide = lora_linear._overlapped_grads
+    monkeypatch.setattr(lora_linear, "_overlapped_grads", lambda *a: taken.append(decide(*a)) or taken[-1])
+    x = x2.clone().requires_grad_()
+    Bs = [B.clone().requires_grad_() for B in Bs]
+    A = A.clone().requires_grad_()
+    if len(outs) == 1:
+        run = lambda x, A, B: torch.ops.unilora_hf.frozen_linear_lora(x, Ws[0], None, A, B)[0]
+    else:
+        run = lambda x, A, *Bs: torch.ops.unilora_hf.frozen_linear_lora_siblings(x, Ws, [None] * len(outs), A,
+                                                                                 list(Bs))[:-1]
+    assert torch.autograd.gradcheck(run, (x, A, *Bs))
+    assert True in taken
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("outs", [(2048,), (2048, 256, 256)])
+def test_backward_op_on_a_second_stream_gives_the_same_bits_eager_and_in_a_cuda_graph(outs):
+    """On CUDA the op runs its weight gradients on a second stream: the same bits as the one-stream ops, called
+    eagerly and replayed from a CUDA graph after its inputs changed in place (the graph forks and joins that
+    stream)."""
+    case = _grads_case(outs, K=1024, r=16, M=512, dtype=torch.bfloat16, device="cuda")
+    op = torch.ops.unilora_hf.frozen_linear_lora_grads
+    for got, want in zip(op(*case), _grads_by_the_ops(*case)):
+        assert torch.equal(got, want)
+    capture = torch.cuda.Stream()
+    capture.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(capture):
+        op(*case)  # warm-up outside the capture (cuBLAS workspaces)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=capture):
+            out = op(*case)
+    torch.cuda.current_stream().wait_stream(capture)
+    fresh = _grads_case(outs, K=1024, r=16, M=512, dtype=torch.bfloat16, device="cuda", seed=8)
+    for mine, new in zip(case, fresh):
+        for t, u in zip(mine if isinstance(mine, list) else [mine], new if isinstance(new, list) else [new]):
+            t.copy_(u)
+    graph.replay()
+    torch.cuda.synchronize()
+    for got, want in zip(out, _grads_by_the_ops(*fresh)):
+        assert torch.equal(got, want)
+
+
 def test_sibling_ops_refuse_mixed_ranks_and_biases():
     x = torch.randn(4, 6)
     Ws = [torch.randn(5, 6), torch.randn(3, 6)]

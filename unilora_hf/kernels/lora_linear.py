@@ -31,8 +31,10 @@ runs layers that read the same x (``siblings``: q/k/v, gate/up) as one Kernel D 
 many rows, ``frozen_linear_lora_siblings`` runs such a set as the op ``unilora_hf::frozen_linear_lora_siblings``:
 ``h = x [A_1; …; A_G]ᵀ`` in one GEMM (x read once for the set), each ``y_i`` by ``_base_plus_lora``; its backward's
 op ``frozen_linear_lora_siblings_dx`` forms ``dx = [g_1 B_1 | … | g_G B_G] [A_1; …; A_G] + Σ g_i W_i`` in one
-buffer (each base GEMM adding in place), and dA for the set is one GEMM reading x once. Every product accumulates
-in float32; h and gB are rounded to the activation dtype, as the unfused ops store them.
+buffer (each base GEMM adding in place), and dA for the set is one GEMM reading x once. Where the backward does not
+record (every compiled training step; not a double backward), a layer's or a set's whole backward is the one op
+``unilora_hf::frozen_linear_lora_grads``, which on CUDA runs dA and dB on a second stream beside the dx GEMMs. Every
+product accumulates in float32; h and gB are rounded to the activation dtype, as the unfused ops store them.
 
 ``add_lora(result, x, A, B)`` is the general path (any base layer, dropout on the LoRA input):
 ``result + (x Aᵀ) Bᵀ`` as one GEMM into a new tensor. ``reference.lora_forward`` is the oracle of both.
@@ -273,6 +275,9 @@ def _compiled_op_backward(ctx, g, gh):
     need_x, _, _, need_A, need_B = ctx.needs_input_grad
     if g is None:
         g = x2.new_zeros((x2.shape[0], weight.shape[0]))
+    if _overlapped_grads(gh, (need_x, need_A, need_B)):
+        dx, dA, dB = torch.ops.unilora_hf.frozen_linear_lora_grads([g], [weight], A, [B], x2, h)
+        return dx, None, None, dA, dB
     dx = dA = dB = gB = None
     if need_x:
         dx, gB = torch.ops.unilora_hf.frozen_linear_lora_dx(g, weight, A, B)
@@ -355,6 +360,71 @@ def _siblings_dx_backward(ctx, u, v):
 _siblings_dx_op.register_autograd(_siblings_dx_backward, setup_context=_siblings_dx_setup)
 
 
+# The weight gradients of ``frozen_linear_lora_grads`` on a second stream (CUDA): read when the op runs, so a CUDA
+# graph keeps what was set at its capture. Off only for an A/B measurement (benchmarks/train_step.py).
+SECOND_STREAM = True
+_side_streams: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    stream = _side_streams.get(device)
+    if stream is None:
+        stream = _side_streams[device] = torch.cuda.Stream(device)
+    return stream
+
+
+@torch.library.custom_op("unilora_hf::frozen_linear_lora_grads", mutates_args=())
+def _grads_op(gs: list[torch.Tensor], weights: list[torch.Tensor], A: torch.Tensor, Bs: list[torch.Tensor],
+              x2: torch.Tensor, h: torch.Tensor) -> list[torch.Tensor]:
+    """``[dx, dA, dB_1, …, dB_G]``: the whole backward of ``frozen_linear_lora_siblings`` (G = 1:
+    ``frozen_linear_lora``) for upstream g_i, when x, A and every B want a gradient and h's is None. dx and
+    gB = [g_1 B_1 | … | g_G B_G] as ``frozen_linear_lora_siblings_dx``, dA = gBᵀ x, dB_i = g_iᵀ hᵢ. On CUDA the
+    weight gradients, which nothing in dx waits for, run on a second stream (dB_i from the start, dA once gB is
+    formed) beside the compute-bound base GEMMs of dx, which leave memory bandwidth to spare: at the 1.1B shape a
+    decoder layer's backward measured 683 µs against 764 µs in one stream (H200, CUDA graph; benchmarks/RESULTS.md,
+    session 12). The op waits for that stream before it returns: what follows sees one stream, and every buffer is
+    allocated on the caller's. Not differentiable: called where the backward does not record (a double backward
+    takes the ops above)."""
+    G = len(gs)
+    r = A.shape[0] // G
+    dA = x2.new_empty(A.shape)
+    dBs = [g.new_empty((g.shape[1], r)) for g in gs]
+    side = _side_stream(x2.device) if x2.is_cuda and SECOND_STREAM else None
+    if side is not None:
+        main = torch.cuda.current_stream(x2.device)
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            for i, (g, dB) in enumerate(zip(gs, dBs)):
+                torch.mm(g.t(), h[:, i * r:(i + 1) * r], out=dB)
+    gB = _stacked_gB(gs, Bs)
+    if side is not None:
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            torch.mm(gB.t(), x2, out=dA)
+    dx = gB @ A
+    for g, w in zip(gs, weights):
+        dx.addmm_(g, w)
+    if side is not None:
+        main.wait_stream(side)
+    else:
+        torch.mm(gB.t(), x2, out=dA)
+        for i, (g, dB) in enumerate(zip(gs, dBs)):
+            torch.mm(g.t(), h[:, i * r:(i + 1) * r], out=dB)
+    return [dx, dA] + dBs
+
+
+@_grads_op.register_fake
+def _(gs, weights, A, Bs, x2, h):
+    r = A.shape[0] // len(gs)
+    return [x2.new_empty(x2.shape), x2.new_empty(A.shape)] + [g.new_empty((g.shape[1], r)) for g in gs]
+
+
+def _overlapped_grads(gh, needs) -> bool:
+    """Whether a backward takes ``frozen_linear_lora_grads``: not recording (no double backward), every gradient
+    wanted (``needs``: the flags of x, A and each B), none reaching h."""
+    return gh is None and all(needs) and not torch.is_grad_enabled()
+
+
 def _siblings_setup(ctx, inputs, output):
     x2, weights, biases, A, Bs = inputs
     ctx.set_materialize_grads(False)  # h's gradient is None unless a caller uses h; so is an unused member's
@@ -371,6 +441,9 @@ def _siblings_backward(ctx, grads):
     gh = grads[n]
     gs = [x2.new_zeros((x2.shape[0], w.shape[0])) if g is None else g for g, w in zip(grads[:n], weights)]
     r = A.shape[0] // n
+    if _overlapped_grads(gh, (need_x, need_A, *need_B)):
+        dx, dA, *dBs = torch.ops.unilora_hf.frozen_linear_lora_grads(gs, list(weights), A, list(Bs), x2, h)
+        return dx, [None] * n, ctx.biases, dA, dBs
     dx = dA = gB = None
     if need_x:
         dx, gB = torch.ops.unilora_hf.frozen_linear_lora_siblings_dx(gs, list(weights), A, list(Bs))
