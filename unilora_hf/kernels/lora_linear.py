@@ -314,8 +314,15 @@ def _(x2, weights, biases, A, Bs):
 
 
 def _stacked_gB(gs: list[torch.Tensor], Bs: list[torch.Tensor]) -> torch.Tensor:
-    """``[g_1 B_1 | … | g_G B_G]`` (M × G·r): the set's gB, laid out as its stacked A's rows."""
-    return torch.cat([g @ B for g, B in zip(gs, Bs)], dim=1)
+    """``[g_1 B_1 | … | g_G B_G]`` (M × G·r): the set's gB, laid out as its stacked A's rows. Each GEMM writes its
+    block of columns in place (cuBLAS takes the row stride G·r): no copy, no concatenation kernel."""
+    if len(gs) == 1:
+        return gs[0] @ Bs[0]
+    r = Bs[0].shape[1]
+    gB = gs[0].new_empty((gs[0].shape[0], len(gs) * r))
+    for i, (g, B) in enumerate(zip(gs, Bs)):
+        torch.mm(g, B, out=gB[:, i * r:(i + 1) * r])
+    return gB
 
 
 @torch.library.custom_op("unilora_hf::frozen_linear_lora_siblings_dx", mutates_args=())
