@@ -387,8 +387,8 @@ def _grads_op(gs: list[torch.Tensor], weights: list[torch.Tensor], A: torch.Tens
     ``frozen_linear_lora``) for upstream g_i, when x, A and every B want a gradient and h's is None. dx and
     gB = [g_1 B_1 | … | g_G B_G] as ``frozen_linear_lora_siblings_dx``, dA = gBᵀ x, dB_i = g_iᵀ hᵢ. On CUDA the
     weight gradients, which nothing in dx waits for, run on a second stream (dB_i from the start, dA once gB is
-    formed) beside the compute-bound base GEMMs of dx, in the SMs their last wave leaves idle: a 1.1B training step
-    under ``reduce-overhead`` measured 0.4–0.7 ms faster (H200, benchmarks/RESULTS.md, session 12). The op waits for
+    formed) beside the compute-bound base GEMMs of dx, which leave room for them: a 1.1B training step under
+    ``reduce-overhead`` measured 0.4–0.7 ms faster (H200, benchmarks/RESULTS.md, session 12). The op waits for
     that stream before it returns: what follows sees one stream, and every buffer is allocated on the caller's. Not
     differentiable: called where the backward does not record (a double backward takes the ops above)."""
     G = len(gs)
