@@ -54,6 +54,16 @@ def results(tmp_path_factory):
     return {name: json.loads((out / f"{name}.json").read_text()) for name in names} | {"stdout": proc.stdout}
 
 
+def _train_step():
+    """benchmarks/train_step.py as a module (the benchmarks folder on sys.path only while it is imported)."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        import train_step
+    finally:
+        sys.path.remove(str(BENCH))
+    return train_step
+
+
 def _no_errors(rows: dict) -> None:
     errors = {k: v["error"] for k, v in rows.items() if "error" in v}
     assert not errors, errors
@@ -262,11 +272,7 @@ def test_bad_arguments_are_named(capsys):
 def test_train_step_ungrouped_row(tmp_path):
     """The A/B row ``unilora_hf_ungrouped`` attaches the same adapter with no sibling set (``unilora_hf`` keeps q/k/v
     and gate/up grouped) and trains the same model: the same losses on the CPU eager path, where no group runs."""
-    sys.path.insert(0, str(BENCH))
-    try:
-        import train_step
-    finally:
-        sys.path.remove(str(BENCH))
+    train_step = _train_step()
     import torch
 
     from unilora_hf import get_adapter
@@ -289,11 +295,7 @@ def test_train_step_ungrouped_row(tmp_path):
 def test_train_step_one_stream_row_runs_its_steps_with_the_second_stream_off(tmp_path):
     """The A/B row ``unilora_hf_one_stream`` turns ``lora_linear.SECOND_STREAM`` off for its own steps only (read as
     its compiled backward is captured) and back on after each; the other rows run with it on."""
-    sys.path.insert(0, str(BENCH))
-    try:
-        import train_step
-    finally:
-        sys.path.remove(str(BENCH))
+    train_step = _train_step()
     import torch
 
     from unilora_hf.kernels import lora_linear
