@@ -23,8 +23,8 @@ Rows (``--only`` picks some, comma-separated):
                      for an A/B in one process. Not in the default rows.
     unilora_hf_one_stream
                      unilora_hf with a compiled backward's weight gradients on the caller's stream, not on a second
-                     one beside the base GEMMs (``lora_linear.SECOND_STREAM``); for an A/B in one process, with
-                     --compile. Not in the default rows.
+                     one beside the base GEMMs (``lora_linear.SECOND_STREAM``, which applies under CUDA graphs); for
+                     an A/B in one process, with --compile reduce-overhead. Not in the default rows.
 Peak memory: ``max_memory_allocated`` from just before the warm-up steps to the end of the row (model,
 optimizer state, activations); the model is freed (gc + empty_cache) between rows. "Adapter buffers" /
 "cache" / "host": bytes the adapter keeps besides its parameters (``common.adapter_state_bytes``);

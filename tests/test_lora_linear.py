@@ -383,9 +383,9 @@ def test_backward_op_matches_the_dense_maths_and_the_differentiable_ops(outs, mo
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("outs", [(2048,), (2048, 256, 256)])
 def test_backward_op_on_a_second_stream_gives_the_same_bits_eager_and_in_a_cuda_graph(outs):
-    """On CUDA the op runs its weight gradients on a second stream: the same bits as the one-stream ops, called
-    eagerly and replayed from a CUDA graph after its inputs changed in place (the graph forks and joins that
-    stream)."""
+    """The op's bits equal the differentiable ops' on CUDA: called eagerly (one stream), and replayed from a CUDA graph,
+    which it captured with its weight gradients on a second stream (forked and joined), after its inputs changed in
+    place."""
     case = _grads_case(outs, K=1024, r=16, M=512, dtype=torch.bfloat16, device="cuda")
     op = torch.ops.unilora_hf.frozen_linear_lora_grads
     for got, want in zip(op(*case), _grads_by_the_ops(*case)):

@@ -367,8 +367,8 @@ def _siblings_dx_backward(ctx, u, v):
 _siblings_dx_op.register_autograd(_siblings_dx_backward, setup_context=_siblings_dx_setup)
 
 
-# The weight gradients of ``frozen_linear_lora_grads`` on a second stream (CUDA): read when the op runs, so a CUDA
-# graph keeps what was set at its capture. Off only for an A/B measurement (benchmarks/train_step.py).
+# The weight gradients of ``frozen_linear_lora_grads`` on a second stream while a CUDA graph captures it: read when
+# the op runs, so a graph keeps what was set at its capture. Off only for an A/B measurement (benchmarks/train_step.py).
 SECOND_STREAM = True
 _side_streams: dict[torch.device, torch.cuda.Stream] = {}
 
@@ -385,17 +385,21 @@ def _grads_op(gs: list[torch.Tensor], weights: list[torch.Tensor], A: torch.Tens
               x2: torch.Tensor, h: torch.Tensor) -> list[torch.Tensor]:
     """``[dx, dA, dB_1, …, dB_G]``: the whole backward of ``frozen_linear_lora_siblings`` (G = 1:
     ``frozen_linear_lora``) for upstream g_i, when x, A and every B want a gradient and h's is None. dx and
-    gB = [g_1 B_1 | … | g_G B_G] as ``frozen_linear_lora_siblings_dx``, dA = gBᵀ x, dB_i = g_iᵀ hᵢ. On CUDA the
-    weight gradients, which nothing in dx waits for, run on a second stream (dB_i from the start, dA once gB is
-    formed) beside the compute-bound base GEMMs of dx, which leave room for them: a 1.1B training step under
-    ``reduce-overhead`` measured 0.4–0.7 ms faster (H200, benchmarks/RESULTS.md, session 12). The op waits for
-    that stream before it returns: what follows sees one stream, and every buffer is allocated on the caller's. Not
-    differentiable: called where the backward does not record (a double backward takes the ops above)."""
+    gB = [g_1 B_1 | … | g_G B_G] as ``frozen_linear_lora_siblings_dx``, dA = gBᵀ x, dB_i = g_iᵀ hᵢ. Captured into a
+    CUDA graph (``reduce-overhead``), the weight gradients, which nothing in dx waits for, run on a second stream (dB_i
+    from the start, dA once gB is formed) beside the compute-bound base GEMMs of dx, which leave room for them: a
+    1.1B training step measured 0.4–0.7 ms faster (H200, benchmarks/RESULTS.md, session 12). The op waits for that
+    stream before it returns: what follows sees one stream, and every buffer is allocated on the caller's. Launched
+    one by one (eager, compiled ``default``) the op stays on one stream: there the host bounds the step, and the
+    switching cost it 18 ms per 1.1B step. Not differentiable: called where the backward does not record (a double
+    backward takes the ops above)."""
     G = len(gs)
     r = A.shape[0] // G
     dA = x2.new_empty(A.shape)
     dBs = [g.new_empty((g.shape[1], r)) for g in gs]
-    side = _side_stream(x2.device) if x2.is_cuda and SECOND_STREAM else None
+    side = None
+    if x2.is_cuda and SECOND_STREAM and torch.cuda.is_current_stream_capturing():
+        side = _side_stream(x2.device)
     if side is not None:
         main = torch.cuda.current_stream(x2.device)
         side.wait_stream(main)
