@@ -33,8 +33,8 @@ many rows, ``frozen_linear_lora_siblings`` runs such a set as the op ``unilora_h
 op ``frozen_linear_lora_siblings_dx`` forms ``dx = [g_1 B_1 | … | g_G B_G] [A_1; …; A_G] + Σ g_i W_i`` in one
 buffer (each base GEMM adding in place), and dA for the set is one GEMM reading x once. Where the backward does not
 record (every compiled training step; not a double backward), a layer's or a set's whole backward is the one op
-``unilora_hf::frozen_linear_lora_grads``, which on CUDA runs dA and dB on a second stream beside the dx GEMMs. Every
-product accumulates in float32; h and gB are rounded to the activation dtype, as the unfused ops store them.
+``unilora_hf::frozen_linear_lora_grads``, which in a CUDA graph runs dA and dB on a second stream beside the dx GEMMs.
+Every product accumulates in float32; h and gB are rounded to the activation dtype, as the unfused ops store them.
 
 ``add_lora(result, x, A, B)`` is the general path (any base layer, dropout on the LoRA input):
 ``result + (x Aᵀ) Bᵀ`` as one GEMM into a new tensor. ``reference.lora_forward`` is the oracle of both.
@@ -386,12 +386,12 @@ def _grads_op(gs: list[torch.Tensor], weights: list[torch.Tensor], A: torch.Tens
     """``[dx, dA, dB_1, …, dB_G]``: the whole backward of ``frozen_linear_lora_siblings`` (G = 1:
     ``frozen_linear_lora``) for upstream g_i, when x, A and every B want a gradient and h's is None. dx and
     gB = [g_1 B_1 | … | g_G B_G] as ``frozen_linear_lora_siblings_dx``, dA = gBᵀ x, dB_i = g_iᵀ hᵢ. Captured into a
-    CUDA graph (``reduce-overhead``), the weight gradients, which nothing in dx waits for, run on a second stream (dB_i
-    from the start, dA once gB is formed) beside the compute-bound base GEMMs of dx, which leave room for them: a
-    1.1B training step measured 0.4–0.7 ms faster (H200, benchmarks/RESULTS.md, session 12). The op waits for that
-    stream before it returns: what follows sees one stream, and every buffer is allocated on the caller's. Launched
-    one by one (eager, compiled ``default``) the op stays on one stream: there the host bounds the step, and the
-    switching cost it 18 ms per 1.1B step. Not differentiable: called where the backward does not record (a double
+    CUDA graph (``reduce-overhead``), the weight gradients, which nothing in dx waits for, run on a second stream
+    (dB_i from the start, dA once gB is formed) beside the compute-bound base GEMMs of dx, which leave room for them:
+    a 1.1B training step's minimum measured 0.4–0.8 ms lower (H200, benchmarks/RESULTS.md, session 12). The op waits
+    for that stream before it returns: what follows sees one stream, and every buffer is allocated on the caller's.
+    Launched one by one (eager, compiled ``default``) the op stays on one stream: there the host bounds the step, and
+    the switching cost it 18 ms per 1.1B step. Not differentiable: called where the backward does not record (a double
     backward takes the ops above)."""
     G = len(gs)
     r = A.shape[0] // G
