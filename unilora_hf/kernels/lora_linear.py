@@ -42,6 +42,7 @@ Every product accumulates in float32; h and gB are rounded to the activation dty
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 
@@ -325,6 +326,14 @@ def _stacked_gB(gs: list[torch.Tensor], Bs: list[torch.Tensor]) -> torch.Tensor:
     return gB
 
 
+def _set_dx(gs: list[torch.Tensor], weights: list[torch.Tensor], gB: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+    """``gB A + Σ g_i W_i`` (M×K): the set's rank-r term first, each base GEMM adding into it in place."""
+    dx = gB @ A
+    for g, w in zip(gs, weights):
+        dx.addmm_(g, w)
+    return dx
+
+
 @torch.library.custom_op("unilora_hf::frozen_linear_lora_siblings_dx", mutates_args=())
 def _siblings_dx_op(gs: list[torch.Tensor], weights: list[torch.Tensor], A: torch.Tensor,
                     Bs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -332,10 +341,7 @@ def _siblings_dx_op(gs: list[torch.Tensor], weights: list[torch.Tensor], A: torc
     ``dx = gB A + Σ g_i W_i`` (M×K). One M×K product for the set's rank-r terms, then each base GEMM adds into that
     buffer in place; one layer per call would write G products and G sums, and autograd would add them up."""
     gB = _stacked_gB(gs, Bs)
-    dx = gB @ A
-    for g, w in zip(gs, weights):
-        dx.addmm_(g, w)
-    return dx, gB
+    return _set_dx(gs, weights, gB, A), gB
 
 
 @_siblings_dx_op.register_fake
@@ -393,33 +399,28 @@ def _grads_op(gs: list[torch.Tensor], weights: list[torch.Tensor], A: torch.Tens
     Launched one by one (eager, compiled ``default``) the op stays on one stream: there the host bounds the step, and
     the switching cost it 18 ms per 1.1B step. Not differentiable: called where the backward does not record (a double
     backward takes the ops above)."""
-    G = len(gs)
-    r = A.shape[0] // G
+    r = A.shape[0] // len(gs)
     dA = x2.new_empty(A.shape)
     dBs = [g.new_empty((g.shape[1], r)) for g in gs]
-    side = None
+    side = main = None
     if x2.is_cuda and SECOND_STREAM and torch.cuda.is_current_stream_capturing():
-        side = _side_stream(x2.device)
-    if side is not None:
-        main = torch.cuda.current_stream(x2.device)
+        side, main = _side_stream(x2.device), torch.cuda.current_stream(x2.device)
+
+    def weight_grads():  # on the second stream from the caller's work so far, or in line
+        if side is None:
+            return contextlib.nullcontext()
         side.wait_stream(main)
-        with torch.cuda.stream(side):
-            for i, (g, dB) in enumerate(zip(gs, dBs)):
-                torch.mm(g.t(), h[:, i * r:(i + 1) * r], out=dB)
-    gB = _stacked_gB(gs, Bs)
-    if side is not None:
-        side.wait_stream(main)
-        with torch.cuda.stream(side):
-            torch.mm(gB.t(), x2, out=dA)
-    dx = gB @ A
-    for g, w in zip(gs, weights):
-        dx.addmm_(g, w)
-    if side is not None:
-        main.wait_stream(side)
-    else:
-        torch.mm(gB.t(), x2, out=dA)
+        return torch.cuda.stream(side)
+
+    with weight_grads():
         for i, (g, dB) in enumerate(zip(gs, dBs)):
             torch.mm(g.t(), h[:, i * r:(i + 1) * r], out=dB)
+    gB = _stacked_gB(gs, Bs)
+    with weight_grads():
+        torch.mm(gB.t(), x2, out=dA)
+    dx = _set_dx(gs, weights, gB, A)
+    if side is not None:
+        main.wait_stream(side)
     return [dx, dA] + dBs
 
 
