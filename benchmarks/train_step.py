@@ -21,6 +21,10 @@ Rows (``--only`` picks some, comma-separated):
                      unilora_hf with every adapted layer on its own: q/k/v and gate/up not run as one sibling set
                      (``siblings``; under torch.compile a set reads x once for its rank-r inputs and sums one dx);
                      for an A/B in one process. Not in the default rows.
+    unilora_hf_unfused_mlp
+                     unilora_hf with each SwiGLU MLP block run as its three adapted layers, not as the one op
+                     ``lora_swiglu_mlp`` (``swiglu``; it applies under torch.compile with the triton backend); for an
+                     A/B in one process. Not in the default rows.
     unilora_hf_one_stream
                      unilora_hf with a compiled backward's weight gradients on the caller's stream, not on a second
                      one beside the base GEMMs (``lora_linear.SECOND_STREAM``, which applies under CUDA graphs); for
@@ -65,7 +69,9 @@ ROWS = {
     "unilora_hf_peft": "unilora_hf (peft projection)",
     "unilora_hf_ungrouped": "unilora_hf (native), sibling layers not grouped",
     "unilora_hf_one_stream": "unilora_hf (native), weight gradients on one stream",
+    "unilora_hf_unfused_mlp": "unilora_hf (native), SwiGLU MLP as three layers",
 }
+AB_ROWS = ("unilora_hf_ungrouped", "unilora_hf_one_stream", "unilora_hf_unfused_mlp")  # only when asked for
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -95,7 +101,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         if getattr(args, name) is None:
             setattr(args, name, small if tiny else full)
     if args.only is None:
-        args.rows = [k for k in ROWS if k not in ("unilora_hf_ungrouped", "unilora_hf_one_stream")]
+        args.rows = [k for k in ROWS if k not in AB_ROWS]
     else:
         args.rows = [k.strip() for k in args.only.split(",") if k.strip()]
     unknown = [k for k in args.rows if k not in ROWS]
@@ -135,6 +141,8 @@ def attach(key: str, model, args):
                                             target_modules=common.LLAMA_TARGETS))
         if key == "unilora_hf_ungrouped":
             get_adapter(model)._group_siblings(False)
+        if key == "unilora_hf_unfused_mlp":
+            get_adapter(model)._fuse_swiglu(False)
     return model, [p for p in model.parameters() if p.requires_grad]
 
 

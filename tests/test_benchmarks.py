@@ -292,6 +292,24 @@ def test_train_step_ungrouped_row(tmp_path):
     assert rows["unilora_hf"]["loss_last"] != rows["unilora_hf"]["loss_first"]
 
 
+def test_train_step_unfused_mlp_row():
+    """The A/B row ``unilora_hf_unfused_mlp`` attaches the same adapter with no MLP block run as one op (``unilora_hf``
+    fuses each Llama MLP whose three projections are adapted), and neither A/B row is in the default rows."""
+    train_step = _train_step()
+    import torch
+
+    from unilora_hf import get_adapter
+
+    args = train_step.parse_args(["--tiny", "--out", "t.json"])
+    assert "unilora_hf_unfused_mlp" not in args.rows and "unilora_hf" in args.rows
+    cfg = train_step.common.llama_config("tiny")
+    fused = {}
+    for key in ("unilora_hf", "unilora_hf_unfused_mlp"):
+        model, _ = train_step.attach(key, train_step.common.build_llama(cfg, "cpu", torch.float32), args)
+        fused[key] = len(get_adapter(model)._mlps)
+    assert fused == {"unilora_hf": cfg.num_hidden_layers, "unilora_hf_unfused_mlp": 0}
+
+
 def test_train_step_one_stream_row_runs_its_steps_with_the_second_stream_off(tmp_path):
     """The A/B row ``unilora_hf_one_stream`` turns ``lora_linear.SECOND_STREAM`` off for its own steps only (read as
     its compiled backward is captured) and back on after each; the other rows run with it on."""

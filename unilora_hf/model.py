@@ -23,6 +23,7 @@ from typing import Callable, Iterator
 import torch
 import torch.nn as nn
 
+from . import swiglu
 from .config import SHARED_BY_RESIDENT_ADAPTERS, UniLoraConfig
 from .errors import AdapterIntegrityError, AdapterStateError, InvalidArgumentError, InvalidConfigError
 from .layer import ModulesToSave, UniLoraLinear, layer_constants, logical_name
@@ -219,6 +220,7 @@ class UniLoraAdapter:
         self._tie_configs: list[tuple[object, str]] = []
         self._first_layer: UniLoraLinear | None = None
         self._groups: list = []  # siblings.SiblingGroup of the wrapped layers
+        self._mlps: list[nn.Module] = []  # SwiGLU blocks whose forward runs fused (swiglu.install)
         self._hooks: list = []
         self._forward_depth = 0
         self._training_pass = False
@@ -293,6 +295,7 @@ class UniLoraAdapter:
         self._layer_modules = [m for _, m in self.wrapped_layers()]
         self._first_layer = self._layer_modules[0] if self._layer_modules else None
         self._group_siblings(True)
+        self._fuse_swiglu(True)
 
     def _group_siblings(self, enabled: bool, eager: bool = False) -> None:
         """Whether layers that read the same input (q/k/v, gate/up) share one launch while decoding under
@@ -300,6 +303,13 @@ class UniLoraAdapter:
         effect at the next trace when compiled."""
         self._groups = find_groups(self.model, UniLoraLinear, eager) if enabled else []
         link(self._groups, self._layer_modules)
+
+    def _fuse_swiglu(self, enabled: bool) -> None:
+        """Whether SwiGLU MLP blocks whose three projections are adapted run as one op under ``torch.compile``
+        (``swiglu``); on by default, off for an A/B measurement. Takes effect at the next trace when compiled."""
+        swiglu.uninstall(self._mlps)
+        self._mlps = swiglu.find_mlps(self.model, UniLoraLinear) if enabled else []
+        swiglu.install(self._mlps)
 
     def _install_hooks(self) -> None:
         if self._hooks:
@@ -607,6 +617,7 @@ class UniLoraAdapter:
         from . import peft_api
 
         self._remove_hooks()
+        self._fuse_swiglu(False)
         if THETA_NAME in self.model._parameters:
             delattr(self.model, THETA_NAME)
         self.model.__dict__.pop("unilora_adapter", None)
@@ -863,6 +874,7 @@ def inject_adapter(model: nn.Module, config: UniLoraConfig, theta_d: torch.Tenso
             original = model.get_submodule(name)
             _set_submodule(model, name, ModulesToSave(original, model))
             undo.add(lambda name=name, original=original: _set_submodule(model, name, original))
+        undo.add(lambda: adapter._fuse_swiglu(False))
         adapter._find_layers()
         params = dict(model.named_parameters())
         for name in plan.biases:
