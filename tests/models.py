@@ -59,3 +59,20 @@ def tokens(model, batch: int = 2, length: int = 9, seed: int = 1) -> torch.Tenso
 def output(model, ids: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return model(input_ids=ids).logits
+
+
+def compile_keeping_graphs(model):
+    """``(compiled model, graphs)``: ``torch.compile`` through AOTAutograd that runs the traced graphs as they are and
+    keeps them, ``graphs["forward"]`` and ``graphs["backward"]``, to count the ops in them."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs = {"forward": [], "backward": []}
+
+    def keep(kind):
+        def compiler(gm, example_inputs):
+            graphs[kind].append(gm)
+            return make_boxed_func(gm.forward)
+        return compiler
+
+    return torch.compile(model, backend=aot_autograd(fw_compiler=keep("forward"), bw_compiler=keep("backward"))), graphs

@@ -13,7 +13,7 @@ import re
 import pytest
 import torch
 import torch._dynamo as dynamo
-from models import tokens
+from models import compile_keeping_graphs, tokens
 from torch._dynamo.utils import counters
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -463,21 +463,10 @@ def test_compiled_training_adds_the_lora_product_in_place():
     forward graph. In the backward each of them is one ``frozen_linear_lora_grads`` where the input needs a gradient
     (its dx adds in place, as ``frozen_linear_lora_dx`` and ``frozen_linear_lora_siblings_dx``, which a double
     backward takes), and no addmm in either graph."""
-    from functorch.compile import make_boxed_func
-    from torch._dynamo.backends.common import aot_autograd
-
-    graphs = {"forward": [], "backward": []}
-
-    def keep(kind):
-        def compiler(gm, example_inputs):
-            graphs[kind].append(gm)
-            return make_boxed_func(gm.forward)
-        return compiler
-
     layers = 2
     model = adapted(layers).train()
     ids = tokens(model, 2, 6)
-    compiled = torch.compile(model, backend=aot_autograd(fw_compiler=keep("forward"), bw_compiler=keep("backward")))
+    compiled, graphs = compile_keeping_graphs(model)
     compiled(input_ids=ids, labels=ids).loss.backward()
 
     def count(kind, name):

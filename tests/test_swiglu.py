@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from models import compile_keeping_graphs
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from unilora_hf import UniLoraConfig, get_adapter, inject_adapter
@@ -195,20 +196,9 @@ def test_eager_calls_run_the_layers_one_by_one():
 
 
 def _compiled_step(model, ids, fuse: bool):
-    from functorch.compile import make_boxed_func
-    from torch._dynamo.backends.common import aot_autograd
-
-    graphs = {"forward": [], "backward": []}
-
-    def keep(kind):
-        def compiler(gm, example_inputs):
-            graphs[kind].append(gm)
-            return make_boxed_func(gm.forward)
-        return compiler
-
     get_adapter(model)._fuse_swiglu(fuse)
     torch._dynamo.reset()
-    compiled = torch.compile(model, backend=aot_autograd(fw_compiler=keep("forward"), bw_compiler=keep("backward")))
+    compiled, graphs = compile_keeping_graphs(model)
     loss = compiled(input_ids=ids, labels=ids).loss
     loss.backward()
     theta = get_adapter(model).theta_d

@@ -131,6 +131,23 @@ def layer_pair(layer: UniLoraLinear, constants: tuple, adapter, device: torch.de
     return pair
 
 
+def plain_pairs(layers: list[UniLoraLinear], adapter, x: torch.Tensor):
+    """``(weights, biases, As, Bs)`` of layers that each have a frozen plain ``nn.Linear`` base for input x
+    (`frozen_plain_weights`), with their (A, B) in x's dtype and device, or None where one of them has not."""
+    weights, biases, As, Bs = [], [], [], []
+    for layer in layers:
+        constants = layer_constants(layer)
+        plain = frozen_plain_weights(layer, constants, layer._modules["base_layer"], x)
+        if plain is None:
+            return None
+        A, B = layer_pair(layer, constants, adapter, x.device, x.dtype)
+        weights.append(plain[0])
+        biases.append(plain[1])
+        As.append(A)
+        Bs.append(B)
+    return weights, biases, As, Bs
+
+
 def frozen_plain_weights(layer: UniLoraLinear, constants: tuple, base: nn.Module, x: torch.Tensor):
     """(W, b) when ``base`` is a plain nn.Linear with frozen W, b matching x's dtype and device (and no active
     dropout, no autocast to another dtype than x's), else None. Module attributes are read from their dicts, and

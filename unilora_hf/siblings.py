@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 
 from .kernels import lora_linear
-from .layer import frozen_plain_weights, layer_constants, layer_pair
+from .layer import plain_pairs
 
 # Names of layers that one module calls on the same input, in the order the group computes them.
 SIBLING_NAMES = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("query", "key", "value"))
@@ -102,17 +102,10 @@ class SiblingGroup:
         members = self.members
         if any(m._state[0] or m._forward_pre_hooks for m in members):  # merged: the tuple the member's call reads
             return None
-        weights, biases, As, Bs = [], [], [], []
-        for m in members:
-            constants = layer_constants(m)
-            plain = frozen_plain_weights(m, constants, m._modules["base_layer"], x)
-            if plain is None:
-                return None
-            A, B = layer_pair(m, constants, adapter, x.device, x.dtype)
-            weights.append(plain[0])
-            biases.append(plain[1])
-            As.append(A)
-            Bs.append(B)
+        operands = plain_pairs(members, adapter, x)
+        if operands is None:
+            return None
+        weights, biases, As, Bs = operands
         if decoding:
             return lora_linear.frozen_linear_lora_group(x, weights, biases, As, Bs)
         return lora_linear.frozen_linear_lora_siblings(x, weights, biases, As, Bs)

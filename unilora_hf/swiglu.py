@@ -9,10 +9,11 @@ forms gate's and up's ``g B``: bytes that the layers one by one move through mem
 (benchmarks/RESULTS.md, session 14).
 
 Which modules: `find_mlps` takes a module whose children ``gate_proj``, ``up_proj`` and ``down_proj`` are adapted
-layers, whose ``act_fn`` is a SiLU module (``torch.nn.SiLU`` or transformers' ``SiLUActivation``) and whose class's ``forward``
-is, up to whitespace, one of the source texts in ``_KNOWN_FORWARDS`` (transformers' Llama, Mistral, Qwen2 and kin). Any
-other block keeps its own forward. `install` sets the instance attribute ``forward`` of each such module to
-``functools.partial(swiglu_forward, module)`` (picklable; `uninstall` removes it, and unloading the adapter does).
+layers, whose ``act_fn`` is a SiLU module (``torch.nn.SiLU`` or transformers' ``SiLUActivation``) and whose class's
+``forward`` is, up to whitespace, one of the source texts in ``_KNOWN_FORWARDS`` (transformers' Llama, Mistral, Qwen2
+and kin). Any other block keeps its own forward. `install` sets the instance attribute ``forward`` of each such module to
+``functools.partial(swiglu_forward, module)`` (``copy.deepcopy`` of the model rebinds it to the copy; `uninstall` removes
+it, and unloading the adapter does).
 
 At every call ``swiglu_forward`` checks what the fused op needs, and otherwise calls the class's own forward (the layers
 one by one, exactly as without this module): compiled, many rows, the adapter enabled with no mixed batch, no layer
@@ -29,7 +30,7 @@ import torch
 import torch.nn as nn
 
 from .kernels import lora_linear, lora_mlp
-from .layer import frozen_plain_weights, layer_constants, layer_pair
+from .layer import plain_pairs
 
 NAMES = ("gate_proj", "up_proj", "down_proj")
 # The class forwards taken, whitespace removed (transformers 4.4x–5.x: Llama, Mistral, Qwen2/3, Olmo, Granite, ...).
@@ -100,19 +101,12 @@ def _fused(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     adapter = layers[0]._unilora_root.unilora_adapter
     if not adapter.enabled or adapter._mixed is not None:
         return None
-    weights, biases, As, Bs = [], [], [], []
-    for layer in layers:
-        if layer._state[0] or layer._forward_hooks or layer._forward_pre_hooks:  # merged, or hooked
-            return None
-        constants = layer_constants(layer)
-        plain = frozen_plain_weights(layer, constants, layer._modules["base_layer"], x)
-        if plain is None:
-            return None
-        A, B = layer_pair(layer, constants, adapter, x.device, x.dtype)
-        weights.append(plain[0])
-        biases.append(plain[1])
-        As.append(A)
-        Bs.append(B)
+    if any(layer._state[0] or layer._forward_hooks or layer._forward_pre_hooks for layer in layers):  # merged, hooked
+        return None
+    operands = plain_pairs(layers, adapter, x)
+    if operands is None:
+        return None
+    weights, biases, As, Bs = operands
     if As[0].shape[0] != As[1].shape[0] or not lora_mlp.fused_applies(x.device, x.dtype, As[0].shape[0],
                                                                        As[2].shape[0]):
         return None

@@ -386,6 +386,27 @@ def _side_stream(device: torch.device) -> torch.cuda.Stream:
     return stream
 
 
+class WeightGradStream:
+    """Where a backward op's weight gradients run: on a second stream while a CUDA graph captures the op (and
+    ``SECOND_STREAM`` is on), else in line on the caller's. ``with stream.run():`` runs a block there after the caller's
+    work so far; ``join()`` makes the caller's stream wait for everything run there."""
+
+    def __init__(self, device: torch.device):
+        self.side = self.main = None
+        if device.type == "cuda" and SECOND_STREAM and torch.cuda.is_current_stream_capturing():
+            self.side, self.main = _side_stream(device), torch.cuda.current_stream(device)
+
+    def run(self):
+        if self.side is None:
+            return contextlib.nullcontext()
+        self.side.wait_stream(self.main)
+        return torch.cuda.stream(self.side)
+
+    def join(self) -> None:
+        if self.side is not None:
+            self.main.wait_stream(self.side)
+
+
 @torch.library.custom_op("unilora_hf::frozen_linear_lora_grads", mutates_args=())
 def _grads_op(gs: list[torch.Tensor], weights: list[torch.Tensor], A: torch.Tensor, Bs: list[torch.Tensor],
               x2: torch.Tensor, h: torch.Tensor) -> list[torch.Tensor]:
@@ -402,25 +423,15 @@ def _grads_op(gs: list[torch.Tensor], weights: list[torch.Tensor], A: torch.Tens
     r = A.shape[0] // len(gs)
     dA = x2.new_empty(A.shape)
     dBs = [g.new_empty((g.shape[1], r)) for g in gs]
-    side = main = None
-    if x2.is_cuda and SECOND_STREAM and torch.cuda.is_current_stream_capturing():
-        side, main = _side_stream(x2.device), torch.cuda.current_stream(x2.device)
-
-    def weight_grads():  # on the second stream from the caller's work so far, or in line
-        if side is None:
-            return contextlib.nullcontext()
-        side.wait_stream(main)
-        return torch.cuda.stream(side)
-
-    with weight_grads():
+    stream = WeightGradStream(x2.device)
+    with stream.run():
         for i, (g, dB) in enumerate(zip(gs, dBs)):
             torch.mm(g.t(), h[:, i * r:(i + 1) * r], out=dB)
     gB = _stacked_gB(gs, Bs)
-    with weight_grads():
+    with stream.run():
         torch.mm(gB.t(), x2, out=dA)
     dx = _set_dx(gs, weights, gB, A)
-    if side is not None:
-        main.wait_stream(side)
+    stream.join()
     return [dx, dA] + dBs
 
 

@@ -8,14 +8,14 @@ of rank r and (A_d, B_d) of rank r_d read out of θ_d, and ``A_gu = [A_g; A_u]``
               g = G + h_g B_gᵀ,  u = U + h_u B_uᵀ,  a = silu(g)·u,  h_d = a A_dᵀ        (Kernel F, one pass)
               y = a W_dᵀ + b_d + h_d B_dᵀ                                              (cuBLAS, rank-r term first)
     backward  gB_d = g_y B_d,  D = g_y W_d + gB_d A_d,  g_u = D·silu(g),  g_g = D·u·silu'(g),
-              gB = [g_g B_g | g_u B_u]                                                (Kernel G, one pass for D on)
+              gB = [g_g B_g | g_u B_u]                          (g_y W_d, gB_d by cuBLAS; the rest Kernel G, one pass)
               dx = gB A_gu + g_g W_g + g_u W_u,  dA_gu = gBᵀ x,  dB_g = g_gᵀ h_g,  dB_u = g_uᵀ h_u,
               dA_d = gB_dᵀ a,  dB_d = g_yᵀ h_d                                        (cuBLAS)
 
-against the layers one by one (``lora_linear``), the M×F terms ``h_g B_gᵀ``, ``h_u B_uᵀ`` and ``gB_d A_d`` are never
-written and read back, and neither a (for h_d) nor g_g, g_u (for gB) is read a second time. g and u are float32 in the
-kernels, not rounded to the activation dtype as the unfused layers' outputs are; h, h_d, gB_d, gB, a, g_g and g_u are
-rounded as the unfused ops store them.
+Compared with the layers one by one (``lora_linear``), the M×F terms ``h_g B_gᵀ``, ``h_u B_uᵀ`` and ``gB_d A_d`` are
+never written and read back, and neither a (for h_d) nor g_g, g_u (for gB) is read a second time. g and u are float32
+in the kernels, not rounded to the activation dtype as the unfused layers' outputs are; h, h_d, gB_d, gB, a, g_g and
+g_u are rounded as the unfused ops store them.
 
 ``lora_swiglu_mlp`` runs it as the op ``unilora_hf::lora_swiglu_mlp``. Where the backward does not record (every
 compiled training step) it is the one op ``unilora_hf::lora_swiglu_mlp_grads``, whose weight gradients run on a second
@@ -27,13 +27,11 @@ the same maths in PyTorch ops (float32 for g and u).
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
 
 from . import dispatch, lora_linear
-from .lora_linear import _base_plus_lora, _flat, _kernel_module, _set_dx, _side_stream
+from .lora_linear import _base_plus_lora, _flat, _kernel_module, _set_dx
 
 
 def swiglu_forward_reference(gate, up, h, Bg, Bu, Ad):
@@ -124,29 +122,19 @@ def _grads_op(gy: torch.Tensor, x2: torch.Tensor, weights: list[torch.Tensor], A
     r = Bg.shape[1]
     dA_gu, dBg, dBu = x2.new_empty(A_gu.shape), gy.new_empty(Bg.shape), gy.new_empty(Bu.shape)
     dAd, dBd = gy.new_empty(Ad.shape), gy.new_empty(Bd.shape)
-    side = main = None
-    if gy.is_cuda and lora_linear.SECOND_STREAM and torch.cuda.is_current_stream_capturing():
-        side, main = _side_stream(gy.device), torch.cuda.current_stream(gy.device)
-
-    def weight_grads():  # on the second stream from the caller's work so far, or in line
-        if side is None:
-            return contextlib.nullcontext()
-        side.wait_stream(main)
-        return torch.cuda.stream(side)
-
-    with weight_grads():
+    stream = lora_linear.WeightGradStream(gy.device)
+    with stream.run():
         torch.mm(gy.t(), hd, out=dBd)
     gBd = gy @ Bd
-    with weight_grads():
+    with stream.run():
         torch.mm(gBd.t(), a, out=dAd)
     gg, gu, gB = _swiglu_backward(gy @ wd, gBd, Ad, gate, up, h, Bg, Bu)
-    with weight_grads():
+    with stream.run():
         torch.mm(gg.t(), h[:, :r], out=dBg)
         torch.mm(gu.t(), h[:, r:], out=dBu)
         torch.mm(gB.t(), x2, out=dA_gu)
     dx = _set_dx([gg, gu], [wg, wu], gB, A_gu)
-    if side is not None:
-        main.wait_stream(side)
+    stream.join()
     return [dx, dA_gu, dBg, dBu, dAd, dBd]
 
 

@@ -89,6 +89,21 @@ def _program(M, BM: tl.constexpr):
 
 
 @triton.jit
+def _rows(h_ptr, s_hm, M, r, BM: tl.constexpr, R: tl.constexpr, EVEN: tl.constexpr):
+    """This program's column group, its BM rows (int64 offsets, liveness), the rank columns and the rows' h_g, h_u."""
+    pid_m, group = _program(M, BM)
+    rm = pid_m * BM + tl.arange(0, BM)
+    rr = tl.arange(0, R)
+    live_m = rm < M
+    live_r = rr < r
+    rows = rm.to(tl.int64)[:, None]
+    mask = live_m[:, None] & live_r[None, :]
+    hg = _ld(h_ptr + rows * s_hm + rr[None, :], mask, EVEN)
+    hu = _ld(h_ptr + rows * s_hm + r + rr[None, :], mask, EVEN)
+    return group, rows, live_m, rr, live_r, hg, hu
+
+
+@triton.jit
 def _forward_kernel(
     gate_ptr, up_ptr, h_ptr, bg_ptr, bu_ptr, ad_ptr, a_ptr, hd_ptr,
     M, F, r, rd, span,
@@ -96,16 +111,9 @@ def _forward_kernel(
     UPCAST: tl.constexpr, R: tl.constexpr, RD: tl.constexpr, BM: tl.constexpr, BF: tl.constexpr,
     EVEN: tl.constexpr,
 ):
-    pid_m, group = _program(M, BM)
-    rm = pid_m * BM + tl.arange(0, BM)
-    rr = tl.arange(0, R)
+    group, rows, live_m, rr, live_r, hg, hu = _rows(h_ptr, s_hm, M, r, BM, R, EVEN)
     rd_ = tl.arange(0, RD)
-    live_m = rm < M
-    live_r = rr < r
     live_rd = rd_ < rd
-    rows = rm.to(tl.int64)[:, None]
-    hg = _ld(h_ptr + rows * s_hm + rr[None, :], live_m[:, None] & live_r[None, :], EVEN)
-    hu = _ld(h_ptr + rows * s_hm + r + rr[None, :], live_m[:, None] & live_r[None, :], EVEN)
     hd = tl.full((BM, RD), 0.0, tl.float32)
     for f0 in range(group * span, tl.minimum(F, group * span + span), BF):
         rf = f0 + tl.arange(0, BF)
@@ -131,16 +139,9 @@ def _backward_kernel(
     UPCAST: tl.constexpr, R: tl.constexpr, RD: tl.constexpr, BM: tl.constexpr, BF: tl.constexpr,
     EVEN: tl.constexpr,
 ):
-    pid_m, group = _program(M, BM)
-    rm = pid_m * BM + tl.arange(0, BM)
-    rr = tl.arange(0, R)
+    group, rows, live_m, rr, live_r, hg, hu = _rows(h_ptr, s_hm, M, r, BM, R, EVEN)
     rd_ = tl.arange(0, RD)
-    live_m = rm < M
-    live_r = rr < r
     live_rd = rd_ < rd
-    rows = rm.to(tl.int64)[:, None]
-    hg = _ld(h_ptr + rows * s_hm + rr[None, :], live_m[:, None] & live_r[None, :], EVEN)
-    hu = _ld(h_ptr + rows * s_hm + r + rr[None, :], live_m[:, None] & live_r[None, :], EVEN)
     gbd = _ld(gbd_ptr + rows * s_gbdm + rd_[None, :], live_m[:, None] & live_rd[None, :], EVEN)
     acc_g = tl.full((BM, R), 0.0, tl.float32)
     acc_u = tl.full((BM, R), 0.0, tl.float32)
