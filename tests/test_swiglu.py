@@ -236,6 +236,29 @@ def test_compiled_training_step_runs_each_mlp_as_the_op():
         torch.testing.assert_close(got_grad, eager_grad, rtol=0, atol=0.03 * eager_grad.abs().max().item())
 
 
+def test_compiled_step_under_activation_checkpointing_and_dynamic_shapes():
+    """The op inside transformers' activation checkpointing (re-run in the backward) and in a graph traced with
+    symbolic row counts: no break with a reason, and the θ_d gradient of the eager step."""
+    ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(3))
+    grads = {}
+    with interpreter_switch(True), force_backend("triton"):
+        for case in ("eager", "checkpointed", "dynamic"):
+            torch._dynamo.reset()
+            model = adapted()
+            get_adapter(model).theta_d.data = get_adapter(model).theta_d.data.float()
+            if case == "checkpointed":
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                explained = torch._dynamo.explain(model)(input_ids=ids, labels=ids)
+                assert explained.break_reasons == [], [b.reason for b in explained.break_reasons]
+                torch._dynamo.reset()
+            run = model if case == "eager" else torch.compile(model, dynamic=case == "dynamic")
+            run(input_ids=ids, labels=ids).loss.backward()
+            grads[case] = get_adapter(model).theta_d.grad
+    torch._dynamo.reset()
+    for case in ("checkpointed", "dynamic"):
+        assert F.cosine_similarity(grads[case], grads["eager"], dim=0) > 0.999
+
+
 @pytest.mark.gpu
 class TestCuda:
     @pytest.fixture(autouse=True)
