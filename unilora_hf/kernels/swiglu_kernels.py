@@ -237,26 +237,61 @@ def _sums(like: torch.Tensor, groups: int, M: int, width: int) -> tuple[torch.Te
     return like.new_empty((groups, M, width), dtype=torch.float32), M * width
 
 
-def _launch(launcher, tensors, grid0, device, args, tile):
-    """One launch, direct (``triton_modes.FastLauncher``) once compiled for this key: shapes, strides, dtype, 16-byte
-    alignment and tile fix every integer argument and Triton's specialisation."""
-    key = None
-    first = tensors[0]
-    if first.device.type == "cuda" and first.get_device() == torch.cuda.current_device():
-        aligned = all(t.data_ptr() % 16 == 0 for t in tensors)
-        key = (tuple((t.shape, t.stride()) for t in tensors), first.dtype, aligned, tile, first.get_device())
-        cached = launcher.cached(key)
-        if cached is not None:
-            launcher.run(cached, grid0, key[-1], *args)
-            return
-    launcher.launch(key, (grid0,), device, *args, num_warps=tile[3], num_stages=tile[4])
+_PLANS: dict = {}
+
+
+def _direct(launcher, key, inputs) -> tuple | None:
+    """``(compiled kernel, plan)``: the remembered launch of ``key`` when it fits these inputs (contiguous, 16-byte aligned, on the current CUDA
+    device; outputs are fresh allocations, which always are) and no launch hook (a profiler) is installed, else None.
+    Shapes, dtypes and tile are in the key; with contiguous inputs they fix every integer argument and Triton's
+    specialisation, so the checks and the plan of the first call are not redone."""
+    plan = _PLANS.get(key)
+    compiled = None if plan is None else launcher.cached(key)
+    if compiled is None:
+        return None
+    ptrs = 0
+    for t in inputs:
+        if not t.is_contiguous():
+            return None
+        ptrs |= t.data_ptr()
+    if ptrs % 16 or inputs[0].get_device() != torch.cuda.current_device():
+        return None
+    return compiled, plan
+
+
+def _launch(launcher, key, inputs, outputs, grid0, args, tile, plan) -> None:
+    """The first launch for ``key``; remembered (``_PLANS``, the compiled kernel in ``launcher``) when it can be
+    repeated directly."""
+    first = inputs[0]
+    direct = (first.device.type == "cuda" and first.get_device() == torch.cuda.current_device()
+              and all(t.is_contiguous() for t in inputs) and all(t.data_ptr() % 16 == 0 for t in (*inputs, *outputs)))
+    launcher.launch(key if direct else None, (grid0,), first.device, *args, num_warps=tile[3], num_stages=tile[4])
+    if direct and key in launcher.compiled:
+        _PLANS[key] = plan
+
+
+def _key(kind: str, inputs, tile) -> tuple:
+    return (kind, *(t.shape for t in inputs), *(t.dtype for t in inputs), tile)
+
+
+def _rank_sums(out: torch.Tensor, groups: int, dtype: torch.dtype) -> torch.Tensor:
+    return out if groups == 1 else out.sum(0).to(dtype)
 
 
 def forward(gate: torch.Tensor, up: torch.Tensor, h: torch.Tensor, Bg: torch.Tensor, Bu: torch.Tensor,
             Ad: torch.Tensor, tile: tuple[int, ...] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Kernel F: ``(a, h_d)``, a = round(silu(G + h_g B_gᵀ)·(U + h_u B_uᵀ)) (M×F), h_d = round(a A_dᵀ) (M×r_d).
     gate, up: M×F; h: M×2r (``[h_g | h_u]``); B_g, B_u: F×r; A_d: r_d×F; last dimensions contiguous."""
-    _check(gate, up, h, Bg, Bu, Ad)
+    inputs = (gate, up, h, Bg, Bu, Ad)
+    key = _key("F", inputs, tile or FORWARD_TILE)
+    direct = _direct(_FORWARD, key, inputs)
+    if direct is not None:
+        compiled, (M, F, rd, groups, grid0, tail) = direct
+        a = gate.new_empty((M, F))
+        hd = gate.new_empty((M, rd)) if groups == 1 else gate.new_empty((groups, M, rd), dtype=torch.float32)
+        _FORWARD.run(compiled, grid0, gate.get_device(), *inputs, a, hd, *tail)
+        return a, _rank_sums(hd, groups, gate.dtype)
+    _check(*inputs)
     M, F = gate.shape
     r, rd = Bg.shape[1], Ad.shape[0]
     if up.shape != gate.shape or h.shape != (M, 2 * r) or Bu.shape != Bg.shape or Bg.shape[0] != F or Ad.shape[1] != F:
@@ -265,12 +300,11 @@ def forward(gate: torch.Tensor, up: torch.Tensor, h: torch.Tensor, Bg: torch.Ten
     tile, span, groups, programs = _plan(M, F, tile or FORWARD_TILE)
     a = gate.new_empty((M, F))
     hd, s_hdg = _sums(gate, groups, M, rd)
-    tensors = (gate, up, h, Bg, Bu, Ad, a, hd)
-    args = (*tensors, M, F, r, rd, span, gate.stride(0), up.stride(0), h.stride(0), Bg.stride(0), Bu.stride(0),
-            Ad.stride(0), a.stride(0), s_hdg, rd, interpreted(), _padded(r), _padded(rd), tile[0], tile[1],
-            _even(M, F, r, rd, tile))
-    _launch(_FORWARD, tensors, programs, gate.device, args, tile)
-    return a, (hd if groups == 1 else hd.sum(0).to(gate.dtype))
+    tail = (M, F, r, rd, span, gate.stride(0), up.stride(0), h.stride(0), Bg.stride(0), Bu.stride(0), Ad.stride(0),
+            a.stride(0), s_hdg, rd, interpreted(), _padded(r), _padded(rd), tile[0], tile[1], _even(M, F, r, rd, tile))
+    _launch(_FORWARD, key, inputs, (a, hd), programs, (*inputs, a, hd, *tail), tile,
+            (M, F, rd, groups, programs, tail))
+    return a, _rank_sums(hd, groups, gate.dtype)
 
 
 def backward(da_base: torch.Tensor, gBd: torch.Tensor, Ad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
@@ -279,7 +313,16 @@ def backward(da_base: torch.Tensor, gBd: torch.Tensor, Ad: torch.Tensor, gate: t
     """Kernel G: ``(g_g, g_u, gB)``, the gradients of gate's and up's adapted outputs (M×F) and
     ``gB = [round(g_g B_g) | round(g_u B_u)]`` (M×2r), for ``dA_base = g_y W_d`` (M×F) and ``gB_d = round(g_y B_d)``
     (M×r_d); the other operands as ``forward``'s."""
-    _check(da_base, gBd, Ad, gate, up, h, Bg, Bu)
+    inputs = (da_base, gBd, Ad, gate, up, h, Bg, Bu)
+    key = _key("G", inputs, tile or BACKWARD_TILE)
+    direct = _direct(_BACKWARD, key, inputs)
+    if direct is not None:
+        compiled, (M, F, r, groups, grid0, tail) = direct
+        gg, gu = gate.new_empty((M, F)), gate.new_empty((M, F))
+        gb = gate.new_empty((M, 2 * r)) if groups == 1 else gate.new_empty((groups, M, 2 * r), dtype=torch.float32)
+        _BACKWARD.run(compiled, grid0, gate.get_device(), *inputs, gg, gu, gb, *tail)
+        return gg, gu, _rank_sums(gb, groups, gate.dtype)
+    _check(*inputs)
     M, F = gate.shape
     r, rd = Bg.shape[1], Ad.shape[0]
     if (da_base.shape != gate.shape or up.shape != gate.shape or gBd.shape != (M, rd) or h.shape != (M, 2 * r)
@@ -290,12 +333,12 @@ def backward(da_base: torch.Tensor, gBd: torch.Tensor, Ad: torch.Tensor, gate: t
     gg = gate.new_empty((M, F))
     gu = gate.new_empty((M, F))
     gb, s_gbg = _sums(gate, groups, M, 2 * r)
-    tensors = (da_base, gBd, Ad, gate, up, h, Bg, Bu, gg, gu, gb)
-    args = (*tensors, M, F, r, rd, span, da_base.stride(0), gBd.stride(0), Ad.stride(0), gate.stride(0), up.stride(0),
+    tail = (M, F, r, rd, span, da_base.stride(0), gBd.stride(0), Ad.stride(0), gate.stride(0), up.stride(0),
             h.stride(0), Bg.stride(0), Bu.stride(0), gg.stride(0), gu.stride(0), s_gbg, 2 * r,
             interpreted(), _padded(r), _padded(rd), tile[0], tile[1], _even(M, F, r, rd, tile))
-    _launch(_BACKWARD, tensors, programs, gate.device, args, tile)
-    return gg, gu, (gb if groups == 1 else gb.sum(0).to(gate.dtype))
+    _launch(_BACKWARD, key, inputs, (gg, gu, gb), programs, (*inputs, gg, gu, gb, *tail), tile,
+            (M, F, r, groups, programs, tail))
+    return gg, gu, _rank_sums(gb, groups, gate.dtype)
 
 
 __all__ = ["BACKWARD_TILE", "DTYPES", "FORWARD_TILE", "R_MAX", "backward", "for_device", "forward", "interpreted"]
