@@ -241,22 +241,21 @@ _PLANS: dict = {}
 
 
 def _direct(launcher, key, inputs) -> tuple | None:
-    """``(compiled kernel, plan)``: the remembered launch of ``key`` when it fits these inputs (contiguous, 16-byte aligned, on the current CUDA
-    device; outputs are fresh allocations, which always are) and no launch hook (a profiler) is installed, else None.
-    Shapes, dtypes and tile are in the key; with contiguous inputs they fix every integer argument and Triton's
-    specialisation, so the checks and the plan of the first call are not redone."""
+    """``(compiled kernel, plan)``: the remembered launch of ``key`` when it fits these inputs (contiguous, 16-byte
+    aligned, all on the current CUDA device; outputs are fresh allocations, which always are) and no launch hook (a
+    profiler) is installed, else None. Shapes, dtypes and tile are in the key; with contiguous inputs they fix every
+    integer argument and Triton's specialisation, so the checks and the plan of the first call are not redone."""
     plan = _PLANS.get(key)
     compiled = None if plan is None else launcher.cached(key)
     if compiled is None:
         return None
+    device = torch.cuda.current_device()
     ptrs = 0
     for t in inputs:
-        if not t.is_contiguous():
+        if not t.is_contiguous() or t.get_device() != device:
             return None
         ptrs |= t.data_ptr()
-    if ptrs % 16 or inputs[0].get_device() != torch.cuda.current_device():
-        return None
-    return compiled, plan
+    return None if ptrs % 16 else (compiled, plan)
 
 
 def _launch(launcher, key, inputs, outputs, grid0, args, tile, plan) -> None:
