@@ -34,6 +34,10 @@ from . import dispatch, lora_linear
 from .lora_linear import _base_plus_lora, _flat, _kernel_module, _set_dx
 
 
+_FUSED_DTYPES = (torch.bfloat16, torch.float16)  # swiglu_kernels.DTYPES and R_MAX (that module needs triton)
+_FUSED_MAX_RANK = 64
+
+
 def swiglu_forward_reference(gate, up, h, Bg, Bu, Ad):
     """Kernel F in PyTorch ops: ``(a, h_d)`` (``swiglu_kernels.forward``)."""
     r = Bg.shape[1]
@@ -55,26 +59,27 @@ def swiglu_backward_reference(da_base, gBd, Ad, gate, up, h, Bg, Bu):
     return gg, gu, torch.cat([gg @ Bg, gu @ Bu], dim=1)
 
 
-def _kernels(device: torch.device):
-    return _kernel_module("swiglu_kernels", device)
+def _kernels(t: torch.Tensor):
+    """Kernels F and G for ``t``'s device and dtype, or None (the reference then runs)."""
+    return _kernel_module("swiglu_kernels", t.device) if t.dtype in _FUSED_DTYPES else None
 
 
 def fused_applies(device: torch.device, dtype: torch.dtype, r: int, rd: int) -> bool:
     """Whether Kernels F and G take tensors on ``device`` of ``dtype`` at ranks r (gate, up) and r_d (down): the
     triton backend for the device, a half-precision dtype, ranks up to ``swiglu_kernels.R_MAX`` (64)."""
-    return (dtype in (torch.bfloat16, torch.float16) and 1 <= r <= 64 and 1 <= rd <= 64
+    return (dtype in _FUSED_DTYPES and 1 <= r <= _FUSED_MAX_RANK and 1 <= rd <= _FUSED_MAX_RANK
             and dispatch.resolve_backend(device) == "triton")
 
 
 def _swiglu_forward(gate, up, h, Bg, Bu, Ad):
-    kernels = _kernels(gate.device) if gate.dtype in (torch.bfloat16, torch.float16) else None
+    kernels = _kernels(gate)
     if kernels is None:
         return swiglu_forward_reference(gate, up, h, Bg, Bu, Ad)
     return kernels.forward(gate, up, h, Bg.contiguous(), Bu.contiguous(), Ad.contiguous())
 
 
 def _swiglu_backward(da_base, gBd, Ad, gate, up, h, Bg, Bu):
-    kernels = _kernels(gate.device) if gate.dtype in (torch.bfloat16, torch.float16) else None
+    kernels = _kernels(gate)
     if kernels is None:
         return swiglu_backward_reference(da_base, gBd, Ad, gate, up, h, Bg, Bu)
     return kernels.backward(da_base, gBd, Ad.contiguous(), gate, up, h, Bg.contiguous(), Bu.contiguous())

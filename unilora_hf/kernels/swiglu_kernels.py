@@ -240,31 +240,34 @@ def _sums(like: torch.Tensor, groups: int, M: int, width: int) -> tuple[torch.Te
 _PLANS: dict = {}
 
 
+def _fits(tensors) -> bool:
+    """Whether a remembered launch can take these tensors: contiguous, 16-byte aligned, all on the current CUDA device.
+    With contiguous operands, shapes, dtypes and tile (the key) fix every integer argument and Triton's
+    specialisation."""
+    device = torch.cuda.current_device() if tensors[0].is_cuda else None
+    ptrs = 0
+    for t in tensors:
+        if t.get_device() != device or not t.is_contiguous():
+            return False
+        ptrs |= t.data_ptr()
+    return ptrs % 16 == 0
+
+
 def _direct(launcher, key, inputs) -> tuple | None:
-    """``(compiled kernel, plan)``: the remembered launch of ``key`` when it fits these inputs (contiguous, 16-byte
-    aligned, all on the current CUDA device; outputs are fresh allocations, which always are) and no launch hook (a
-    profiler) is installed, else None. Shapes, dtypes and tile are in the key; with contiguous inputs they fix every
-    integer argument and Triton's specialisation, so the checks and the plan of the first call are not redone."""
+    """``(compiled kernel, plan)``: the remembered launch of ``key`` when it `_fits` these inputs (outputs are fresh
+    allocations, which always do) and no launch hook (a profiler) is installed, else None: the checks and the plan
+    of the first call are not redone."""
     plan = _PLANS.get(key)
     compiled = None if plan is None else launcher.cached(key)
-    if compiled is None:
-        return None
-    device = torch.cuda.current_device()
-    ptrs = 0
-    for t in inputs:
-        if not t.is_contiguous() or t.get_device() != device:
-            return None
-        ptrs |= t.data_ptr()
-    return None if ptrs % 16 else (compiled, plan)
+    return None if compiled is None or not _fits(inputs) else (compiled, plan)
 
 
 def _launch(launcher, key, inputs, outputs, grid0, args, tile, plan) -> None:
     """The first launch for ``key``; remembered (``_PLANS``, the compiled kernel in ``launcher``) when it can be
     repeated directly."""
-    first = inputs[0]
-    direct = (first.device.type == "cuda" and first.get_device() == torch.cuda.current_device()
-              and all(t.is_contiguous() for t in inputs) and all(t.data_ptr() % 16 == 0 for t in (*inputs, *outputs)))
-    launcher.launch(key if direct else None, (grid0,), first.device, *args, num_warps=tile[3], num_stages=tile[4])
+    direct = _fits((*inputs, *outputs))
+    launcher.launch(key if direct else None, (grid0,), inputs[0].device, *args, num_warps=tile[3],
+                    num_stages=tile[4])
     if direct and key in launcher.compiled:
         _PLANS[key] = plan
 
@@ -286,8 +289,7 @@ def forward(gate: torch.Tensor, up: torch.Tensor, h: torch.Tensor, Bg: torch.Ten
     direct = _direct(_FORWARD, key, inputs)
     if direct is not None:
         compiled, (M, F, rd, groups, grid0, tail) = direct
-        a = gate.new_empty((M, F))
-        hd = gate.new_empty((M, rd)) if groups == 1 else gate.new_empty((groups, M, rd), dtype=torch.float32)
+        a, hd = gate.new_empty((M, F)), _sums(gate, groups, M, rd)[0]
         _FORWARD.run(compiled, grid0, gate.get_device(), *inputs, a, hd, *tail)
         return a, _rank_sums(hd, groups, gate.dtype)
     _check(*inputs)
@@ -317,8 +319,7 @@ def backward(da_base: torch.Tensor, gBd: torch.Tensor, Ad: torch.Tensor, gate: t
     direct = _direct(_BACKWARD, key, inputs)
     if direct is not None:
         compiled, (M, F, r, groups, grid0, tail) = direct
-        gg, gu = gate.new_empty((M, F)), gate.new_empty((M, F))
-        gb = gate.new_empty((M, 2 * r)) if groups == 1 else gate.new_empty((groups, M, 2 * r), dtype=torch.float32)
+        gg, gu, gb = gate.new_empty((M, F)), gate.new_empty((M, F)), _sums(gate, groups, M, 2 * r)[0]
         _BACKWARD.run(compiled, grid0, gate.get_device(), *inputs, gg, gu, gb, *tail)
         return gg, gu, _rank_sums(gb, groups, gate.dtype)
     _check(*inputs)
