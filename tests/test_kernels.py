@@ -178,9 +178,19 @@ def test_theta_grad_bfloat16(kind):
 
 
 def test_grad_plan_splits_long_columns():
-    bj, bm, iters, splits = pk.grad_plan(2999, 1)
+    bj, bm, iters, splits = pk.peft_grad_plan(2999, 1)
     assert (bj, bm) == (1, 1024) and splits * iters * bm >= 2999 and splits > 1
-    assert pk.grad_plan(700, 260)[3] == 1
+    assert pk.peft_grad_plan(700, 260)[3] == 1
+
+
+@pytest.mark.parametrize("D,d", SHAPES + [(12_615_680, 2**19), (39_976_960, 2**19), (10**6, 3)], ids=str)
+def test_native_grad_plan_covers_every_row_once(D, d):
+    """Each column's m range is cut into segments of ``seg`` rows, SUB per program and ``splits`` programs along m:
+    together they cover [0, m_max) with no program left empty, and the lanes hold BJ columns × SUB segments."""
+    bj, sub, seg, splits = pk.native_grad_plan(D, d)
+    m_max = -(-D // d)
+    assert bj * sub == pk.GRAD_LANES and bj < 2 * d
+    assert splits * sub * seg >= m_max > (splits - 1) * sub * seg
 
 
 def test_peft_csr_is_cached_inverse():

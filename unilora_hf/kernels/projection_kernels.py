@@ -3,13 +3,15 @@
 modules of ``unilora_hf`` that import ``triton``.
 
 Kernel A, readout: ``out[t] = θ_d[idx(start + t)] · s(idx(start + t))`` for ``t < count``, float32.
-    native: π is evaluated per position in the kernel (keys, 4-round Feistel, cycle-walk while any lane
-    is ≥ D), in uint32 when D < 2^32 (``narrow``; every intermediate then fits, and uint32 products wrap
-    as the masked ones do) and else in int64 with 32-bit masks, so idx is bit-identical to
-    ``Projection.indices``; the
-    scale is ``scale_values[0]`` if ``idx < D mod d`` else ``scale_values[1]``. peft: idx and s are
-    read from the int32 table and the float32 scale table. Each output is one float32 product, the
-    same one the reference forms, so the readout is bit-identical to
+    native: π is evaluated per position in the kernel (keys, 4-round Feistel, cycle-walk), in uint32 when
+    D < 2^32 (``narrow``; every intermediate then fits, and uint32 products wrap as the masked ones do) and
+    else in int64 with 32-bit masks, so idx is bit-identical to ``Projection.indices``. Each lane walks
+    ``READOUT_QUEUE`` positions one after another (``_readout_native_body``): a pass of the round function
+    is spent on a lane only while it has a walk to finish, where a block walking all its positions at once
+    runs as many passes as its longest walk (about 6 for 1,024 positions at 3/4 fill, against 1.33 on
+    average). The scale is ``scale_values[0]`` if ``idx < D mod d`` else ``scale_values[1]``. peft: idx
+    and s are read from the int32 table and the float32 scale table. Each output is one float32 product,
+    the same one the reference forms, so the readout is bit-identical to
     ``θ_d[idx] * projection.scales_of(idx)``.
 
 Kernel A writes ``out``'s dtype: the float32 product rounded once to nearest even (bfloat16 by hand in
@@ -19,14 +21,16 @@ Kernel A writes ``out``'s dtype: the float32 product rounded once to nearest eve
     without a host synchronisation (``refresh``, ``readout_cache``).
 
 Kernel B, gradient: ``(Pᵀ g)[j] = s(j) · Σ_{m < n_j} g[row_m(j)]`` with float32 accumulation, for g
-    float32 or bfloat16 of length D. Columns are processed as a gather-reduce: native rows are
-    ``row_m(j) = π⁻¹(j + m·d)`` evaluated in the kernel (inverse Feistel, cycle-walk); peft rows are read
-    from a CSR inverse of the table (``dispatch.peft_csr``: rows of column j in increasing order). A
-    program owns a tile of BJ columns × BM consecutive m and ``iters`` such tiles; tile sums are fixed
-    tree reductions over m, tiles are added in increasing m, and when the m range is split over S
-    programs their partial sums are added in increasing split order by a second kernel. No atomics:
-    the result is bit-identical run to run on one device, and the plan (BJ, BM, iters, S) depends only
-    on (D, d), never on the device.
+    float32 or bfloat16 of length D, as a gather-reduce per column. native: ``row_m(j) = π⁻¹(j + m·d)``,
+    walked in the kernel; a lane owns one column and a segment of consecutive m, whose rows it walks and
+    adds one after another in increasing m (``_grad_native_kernel``, plan ``native_grad_plan``); the
+    segment sums of a column in one program are added by a fixed tree. peft: rows are read from a CSR
+    inverse of the table (``dispatch.peft_csr``: rows of column j in increasing order); a program owns a
+    tile of BJ columns × BM consecutive m and ``iters`` such tiles, tile sums are fixed tree reductions over
+    m, and tiles are added in increasing m (``peft_grad_plan``). In both, when the m range is split over S
+    programs their partial sums are added in increasing split order by a second kernel. No atomics: the
+    result is bit-identical run to run on one device, and the plan depends only on (D, d), never on the
+    device.
 
 Loops over a runtime count are ``while`` loops (``range`` of a runtime scalar fails in the interpreter
 of triton 3.6 with numpy 2). The kernels call only builtins of ``triton.language`` (``tl.full``,
@@ -63,8 +67,14 @@ from . import triton_modes
 from ..projection import balanced_counts, correctly_rounded_rsqrt, feistel_bits, feistel_keys
 
 READOUT_BLOCK = 1024
+# Kernel A (native): lanes per program, outputs walked one after another per lane (``_readout_native_body``), warps
+READOUT_LANES, READOUT_QUEUE, READOUT_WARPS = 64, 8, 1
 GRAD_TILE = 1024
 GRAD_TARGET_PROGRAMS = 1024
+# native Kernel B: lanes per program, rows a lane walks one after another where the columns have them, warps.
+# These and Kernel A's: the best of 54 and 33 settings at the 1.1B and 7B training D (d = 2^19) on an H200
+# (benchmarks/RESULTS.md, session 15).
+GRAD_LANES, GRAD_MIN_SEGMENT, GRAD_WARPS = 32, 8, 1
 KEY_BIAS = 1 << 32
 
 _SCALARS = ["start", "count", "n", "D", "d", "q", "rem", "k0", "k1", "k2", "k3", "h", "mh", "iters", "splits"]
@@ -182,39 +192,62 @@ def _rounded(x, out_ptr):
 
 
 @triton.jit
+def _narrowed(x, k0, k1, k2, k3, mh, D, NARROW: tl.constexpr):
+    """x, the keys, the half mask and D as uint32 when NARROW (D < 2^32), else unchanged (int64)."""
+    if NARROW:
+        return (x.to(tl.uint32), k0.to(tl.uint32), k1.to(tl.uint32), k2.to(tl.uint32), k3.to(tl.uint32),
+                mh.to(tl.uint32), D.to(tl.uint32))
+    else:
+        return x, k0, k1, k2, k3, mh, D
+
+
+@triton.jit
 def _readout_native_body(
     theta_ptr, out_ptr, idx_ptr, start, count, D, d, rem, big, small, k0, k1, k2, k3, h, mh,
-    WRITE_OUT: tl.constexpr, WRITE_IDX: tl.constexpr, NARROW: tl.constexpr, BLOCK: tl.constexpr,
+    WRITE_OUT: tl.constexpr, WRITE_IDX: tl.constexpr, NARROW: tl.constexpr, LANES: tl.constexpr,
+    QUEUE: tl.constexpr,
 ):
+    # Lane l of program p owns the outputs t = p·LANES·QUEUE + l + i·LANES (i < QUEUE) and walks them one after
+    # another: every pass applies F once on every lane, a lane whose value has entered [0, D) writes that output
+    # and starts its next one. So a pass is spent on a lane only while it has work, where a block that walked all
+    # its outputs at once would run as many passes as its longest walk.
     k0, k1, k2, k3 = _unbias_keys(k0, k1, k2, k3)
-    lane = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    live = lane < count
-    pos = tl.where(live, lane + start, 0)
-    if NARROW:  # π(pos) < D < 2^32 and d ≤ D: the modulo in uint32 too
-        col = ((_walk_from(pos, k0, k1, k2, k3, h, mh, D, False, True).to(tl.uint32)) % d.to(tl.uint32)).to(tl.int64)
-    else:
-        col = _walk(pos, k0, k1, k2, k3, h, mh, D, False) % d
-    if WRITE_IDX:
-        tl.store(idx_ptr + lane, col, mask=live)
-    if WRITE_OUT:
-        scale = tl.where(col < rem, big, small)
-        value = tl.load(theta_ptr + col, mask=live, other=0.0)
-        tl.store(out_ptr + lane, _rounded(value * scale, out_ptr), mask=live)
+    first = tl.program_id(0).to(tl.int64) * (LANES * QUEUE)
+    end = tl.minimum(first + LANES * QUEUE, count)
+    t = first + tl.arange(0, LANES)
+    live = t < end
+    y, k0, k1, k2, k3, mh, D_ = _narrowed(tl.where(live, t + start, 0), k0, k1, k2, k3, mh, D, NARROW)
+    while tl.reduce(live.to(tl.int32), 0, _max) > 0:
+        y = _feistel(y, k0, k1, k2, k3, h, mh, False)
+        done = live & (y < D_)
+        if NARROW:  # π(pos) < D < 2^32 and d ≤ D: the modulo in uint32 too
+            col = (y % d.to(tl.uint32)).to(tl.int64)
+        else:
+            col = y % d
+        if WRITE_IDX:
+            tl.store(idx_ptr + t, col, mask=done)
+        if WRITE_OUT:
+            scale = tl.where(col < rem, big, small)
+            value = tl.load(theta_ptr + col, mask=done, other=0.0)
+            tl.store(out_ptr + t, _rounded(value * scale, out_ptr), mask=done)
+        t = tl.where(done, t + LANES, t)
+        live = t < end
+        y = tl.where(done, (t + start).to(y.dtype), y)
 
 
 @triton.jit(do_not_specialize=_SCALARS)
 def _readout_native_kernel(
     theta_ptr, out_ptr, idx_ptr, dirty_ptr, start, count, D, d, rem, big, small, k0, k1, k2, k3, h, mh,
     WRITE_OUT: tl.constexpr, WRITE_IDX: tl.constexpr, GATED: tl.constexpr, NARROW: tl.constexpr,
-    BLOCK: tl.constexpr,
+    LANES: tl.constexpr, QUEUE: tl.constexpr,
 ):
     if GATED:
         if tl.load(dirty_ptr) != 0:
             _readout_native_body(theta_ptr, out_ptr, idx_ptr, start, count, D, d, rem, big, small, k0, k1, k2, k3,
-                                 h, mh, WRITE_OUT, WRITE_IDX, NARROW, BLOCK)
+                                 h, mh, WRITE_OUT, WRITE_IDX, NARROW, LANES, QUEUE)
     else:
         _readout_native_body(theta_ptr, out_ptr, idx_ptr, start, count, D, d, rem, big, small, k0, k1, k2, k3,
-                             h, mh, WRITE_OUT, WRITE_IDX, NARROW, BLOCK)
+                             h, mh, WRITE_OUT, WRITE_IDX, NARROW, LANES, QUEUE)
 
 
 @triton.jit
@@ -260,42 +293,69 @@ def _column_scale(scales_ptr, col, live, rem, big, small, NATIVE_KIND: tl.conste
 
 
 @triton.jit(do_not_specialize=_SCALARS)
-def _grad_kernel(
-    g_ptr, out_ptr, part_ptr, scales_ptr, rows_ptr, offsets_ptr, D, d, q, rem, big, small,
-    k0, k1, k2, k3, h, mh, iters,
-    NATIVE_KIND: tl.constexpr, NARROW: tl.constexpr, FINAL: tl.constexpr, BJ: tl.constexpr, BM: tl.constexpr,
+def _grad_peft_kernel(
+    g_ptr, out_ptr, part_ptr, scales_ptr, rows_ptr, offsets_ptr, d, iters,
+    FINAL: tl.constexpr, BJ: tl.constexpr, BM: tl.constexpr,
 ):
-    k0, k1, k2, k3 = _unbias_keys(k0, k1, k2, k3)
     col_block = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1).to(tl.int64)
     lane = tl.arange(0, BJ * BM)
     col = col_block * BJ + lane // BM
     col_live = col < d
-    if NATIVE_KIND:
-        n = q + (col < rem).to(tl.int64)
-        first = col * 0
-    else:
-        first = tl.load(offsets_ptr + col, mask=col_live, other=0)
-        n = tl.load(offsets_ptr + col + 1, mask=col_live, other=0) - first
+    first = tl.load(offsets_ptr + col, mask=col_live, other=0)
+    n = tl.load(offsets_ptr + col + 1, mask=col_live, other=0) - first
     acc = tl.full([BJ], 0.0, tl.float32)
     it = iters * 0
     while it < iters:
         m = (split * iters + it) * BM + lane % BM
         valid = col_live & (m < n)
-        if NATIVE_KIND:
-            rows = _walk_from(tl.where(valid, col + m * d, 0), k0, k1, k2, k3, h, mh, D, True, NARROW)
-        else:
-            rows = tl.load(rows_ptr + first + m, mask=valid, other=0).to(tl.int64)
+        rows = tl.load(rows_ptr + first + m, mask=valid, other=0).to(tl.int64)
         g = tl.load(g_ptr + rows, mask=valid, other=0.0).to(tl.float32)
         acc += tl.reduce(tl.reshape(g, (BJ, BM)), 1, _add)
         it += 1
     out_col = col_block * BJ + tl.arange(0, BJ)
     out_live = out_col < d
     if FINAL:
-        scale = _column_scale(scales_ptr, out_col, out_live, rem, big, small, NATIVE_KIND)
+        scale = _column_scale(scales_ptr, out_col, out_live, 0, 0.0, 0.0, False)
         tl.store(out_ptr + out_col, acc * scale, mask=out_live)
     else:
         tl.store(part_ptr + split * d + out_col, acc, mask=out_live)
+
+
+@triton.jit(do_not_specialize=_SCALARS)
+def _grad_native_kernel(
+    g_ptr, out_ptr, part_ptr, D, d, q, rem, big, small, k0, k1, k2, k3, h, mh, seg,
+    NARROW: tl.constexpr, FINAL: tl.constexpr, BJ: tl.constexpr, SUB: tl.constexpr,
+):
+    # Program (c, s) owns columns c·BJ + [0, BJ) and, of each, SUB segments of ``seg`` consecutive m, one segment
+    # per lane: the rows of a lane are summed one after another, each found by walking π⁻¹ from j + m·d. Every
+    # pass applies F⁻¹ once on every lane, and a lane whose value has entered [0, D) adds that row of g and starts
+    # its next m (as in ``_readout_native_body``). The SUB segment sums of a column are then added by a fixed tree.
+    k0, k1, k2, k3 = _unbias_keys(k0, k1, k2, k3)
+    lane = tl.arange(0, BJ * SUB)
+    col = tl.program_id(0).to(tl.int64) * BJ + lane % BJ
+    n = tl.where(col < d, q + (col < rem).to(tl.int64), 0)
+    m = (tl.program_id(1).to(tl.int64) * SUB + lane // BJ) * seg
+    end = tl.minimum(m + seg, n)
+    live = m < end
+    y, k0, k1, k2, k3, mh, D_ = _narrowed(tl.where(live, col + m * d, 0), k0, k1, k2, k3, mh, D, NARROW)
+    acc = tl.full([BJ * SUB], 0.0, tl.float32)
+    while tl.reduce(live.to(tl.int32), 0, _max) > 0:
+        y = _feistel(y, k0, k1, k2, k3, h, mh, True)
+        done = live & (y < D_)
+        g = tl.load(g_ptr + y.to(tl.int64), mask=done, other=0.0).to(tl.float32)
+        acc = tl.where(done, acc + g, acc)
+        m = tl.where(done, m + 1, m)
+        live = m < end
+        y = tl.where(done, (col + m * d).to(y.dtype), y)
+    total = tl.reduce(tl.reshape(acc, (SUB, BJ)), 0, _add)
+    out_col = tl.program_id(0).to(tl.int64) * BJ + tl.arange(0, BJ)
+    out_live = out_col < d
+    if FINAL:
+        scale = _column_scale(out_ptr, out_col, out_live, rem, big, small, True)
+        tl.store(out_ptr + out_col, total * scale, mask=out_live)
+    else:
+        tl.store(part_ptr + tl.program_id(1).to(tl.int64) * d + out_col, total, mask=out_live)
 
 
 @triton.jit(do_not_specialize=_SCALARS)
@@ -410,6 +470,10 @@ def native_permute(positions: torch.Tensor, seed: int, D: int, inverse: bool = F
     return out.view(positions.shape)
 
 
+def _readout_grid(count: int) -> tuple[int]:
+    return (triton.cdiv(count, READOUT_LANES * READOUT_QUEUE),)
+
+
 def native_indices(seed: int, D: int, d: int, start: int, count: int, device: torch.device | str) -> torch.Tensor:
     """idx(i) = π(i) mod d for i in [start, start+count), int64 on ``device`` (Kernel A without θ)."""
     out = torch.empty(count, dtype=torch.int64, device=device)
@@ -417,9 +481,10 @@ def native_indices(seed: int, D: int, d: int, start: int, count: int, device: to
     if count:
         q, rem, big, small = _native_scales(D, d)
         with _on_device(out.device):
-            _readout_native_kernel[(triton.cdiv(count, READOUT_BLOCK),)](
+            _readout_native_kernel[_readout_grid(count)](
                 out, out, out, out, start, count, D, d, rem, big, small, *_native_args(seed, D),
-                WRITE_OUT=False, WRITE_IDX=True, GATED=False, NARROW=narrow(D), BLOCK=READOUT_BLOCK,
+                WRITE_OUT=False, WRITE_IDX=True, GATED=False, NARROW=narrow(D), LANES=READOUT_LANES,
+                QUEUE=READOUT_QUEUE, num_warps=READOUT_WARPS,
             )
     return out
 
@@ -434,9 +499,10 @@ def readout_native(theta_d: torch.Tensor, seed: int, D: int, start: int = 0, cou
     if count:
         q, rem, big, small = _native_scales(D, d)
         with _on_device(theta.device):
-            _readout_native_kernel[(triton.cdiv(count, READOUT_BLOCK),)](
+            _readout_native_kernel[_readout_grid(count)](
                 theta, out, out, out, start, count, D, d, rem, big, small, *_native_args(seed, D),
-                WRITE_OUT=True, WRITE_IDX=False, GATED=False, NARROW=narrow(D), BLOCK=READOUT_BLOCK,
+                WRITE_OUT=True, WRITE_IDX=False, GATED=False, NARROW=narrow(D), LANES=READOUT_LANES,
+                QUEUE=READOUT_QUEUE, num_warps=READOUT_WARPS,
             )
     return out
 
@@ -472,15 +538,15 @@ def refresh(
         _compare_snapshot_kernel[(triton.cdiv(d, READOUT_BLOCK),)](
             theta_d.view(torch.int32), snapshot.view(torch.int32), dirty, d, BLOCK=READOUT_BLOCK
         )
-        grid = (triton.cdiv(out.numel(), READOUT_BLOCK),)
         if table is None:
             q, rem, big, small = _native_scales(D, d)
-            _readout_native_kernel[grid](
+            _readout_native_kernel[_readout_grid(out.numel())](
                 theta_d, out, out, dirty, 0, out.numel(), D, d, rem, big, small, *_native_args(seed, D),
-                WRITE_OUT=True, WRITE_IDX=False, GATED=True, NARROW=narrow(D), BLOCK=READOUT_BLOCK,
+                WRITE_OUT=True, WRITE_IDX=False, GATED=True, NARROW=narrow(D), LANES=READOUT_LANES,
+                QUEUE=READOUT_QUEUE, num_warps=READOUT_WARPS,
             )
         else:
-            _readout_peft_kernel[grid](
+            _readout_peft_kernel[(triton.cdiv(out.numel(), READOUT_BLOCK),)](
                 theta_d, table, scales, out, dirty, 0, out.numel(), GATED=True, BLOCK=READOUT_BLOCK
             )
     dirty.zero_()
@@ -490,8 +556,8 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
-def grad_plan(D: int, d: int) -> tuple[int, int, int, int]:
-    """(BJ, BM, iters, splits): the tiling of Kernel B, a function of (D, d) only.
+def peft_grad_plan(D: int, d: int) -> tuple[int, int, int, int]:
+    """(BJ, BM, iters, splits): the tiling of the peft Kernel B, a function of (D, d) only.
 
     A tile is BJ columns × BM values of m (BJ·BM ≤ 1024 lanes); each program reduces ``iters``
     consecutive tiles of m, and the m range of every column block is split over ``splits`` programs
@@ -508,20 +574,54 @@ def grad_plan(D: int, d: int) -> tuple[int, int, int, int]:
     return bj, bm, iters, -(-tiles // iters)
 
 
-def _launch_grad(g, out, scales, rows, offsets, D, d, native_args, native_kind):
-    bj, bm, iters, splits = grad_plan(D, d)
+def native_grad_plan(D: int, d: int) -> tuple[int, int, int, int]:
+    """(BJ, SUB, seg, splits): the tiling of the native Kernel B, a function of (D, d) only.
+
+    A program has ``GRAD_LANES`` lanes: BJ columns × SUB segments of ``seg`` consecutive m, one per lane (a lane's
+    walks run one after another, so a segment keeps at least ``GRAD_MIN_SEGMENT`` rows where the columns have
+    them); the m range of every column block is split over ``splits`` programs, for about
+    ``GRAD_TARGET_PROGRAMS`` programs."""
+    q, rem, _ = balanced_counts(D, d)
+    m_max = q + (1 if rem else 0)
+    bj = min(_next_pow2(d), GRAD_LANES)
+    sub = GRAD_LANES // bj
+    col_blocks = -(-d // bj)
+    segments = max(1, min(-(-m_max // GRAD_MIN_SEGMENT), -(-GRAD_TARGET_PROGRAMS // col_blocks) * sub))
+    splits = -(-segments // sub)
+    seg = -(-m_max // (splits * sub))
+    return bj, sub, seg, -(-m_max // (seg * sub))
+
+
+def _finish_grad(part, out, scales, d, rem, big, small, splits, native_kind):
+    """``out`` from the per-split partial sums (added in increasing split order) and the column scales."""
+    _grad_finish_kernel[(triton.cdiv(d, READOUT_BLOCK),)](
+        part, out, scales, d, rem, big, small, splits, NATIVE_KIND=native_kind, BLOCK=READOUT_BLOCK
+    )
+
+
+def _launch_grad_native(g, out, seed, D, d):
+    bj, sub, seg, splits = native_grad_plan(D, d)
     q, rem, big, small = _native_scales(D, d)
-    col_blocks = triton.cdiv(d, bj)
     part = out if splits == 1 else torch.empty(splits * d, dtype=torch.float32, device=out.device)
     with _on_device(out.device):
-        _grad_kernel[(col_blocks, splits)](
-            g, out, part, scales, rows, offsets, D, d, q, rem, big, small, *native_args, iters,
-            NATIVE_KIND=native_kind, NARROW=native_kind and narrow(D), FINAL=splits == 1, BJ=bj, BM=bm,
+        _grad_native_kernel[(triton.cdiv(d, bj), splits)](
+            g, out, part, D, d, q, rem, big, small, *_native_args(seed, D), seg,
+            NARROW=narrow(D), FINAL=splits == 1, BJ=bj, SUB=sub, num_warps=GRAD_WARPS,
         )
         if splits > 1:
-            _grad_finish_kernel[(triton.cdiv(d, READOUT_BLOCK),)](
-                part, out, scales, d, rem, big, small, splits, NATIVE_KIND=native_kind, BLOCK=READOUT_BLOCK
-            )
+            _finish_grad(part, out, out, d, rem, big, small, splits, True)
+    return out
+
+
+def _launch_grad_peft(g, out, scales, rows, offsets, D, d):
+    bj, bm, iters, splits = peft_grad_plan(D, d)
+    part = out if splits == 1 else torch.empty(splits * d, dtype=torch.float32, device=out.device)
+    with _on_device(out.device):
+        _grad_peft_kernel[(triton.cdiv(d, bj), splits)](
+            g, out, part, scales, rows, offsets, d, iters, FINAL=splits == 1, BJ=bj, BM=bm,
+        )
+        if splits > 1:
+            _finish_grad(part, out, scales, d, 0, 0.0, 0.0, splits, False)
     return out
 
 
@@ -538,7 +638,7 @@ def grad_native(grad_theta_D: torch.Tensor, seed: int, D: int, d: int) -> torch.
     g = _check_grad(grad_theta_D, D)
     _check_device(g)
     out = torch.empty(d, dtype=torch.float32, device=g.device)
-    return _launch_grad(g, out, out, out, out, D, d, _native_args(seed, D), True)
+    return _launch_grad_native(g, out, seed, D, d)
 
 
 def grad_peft(
@@ -551,7 +651,7 @@ def grad_peft(
     scales, csr_rows, csr_offsets = scales.contiguous(), csr_rows.contiguous(), csr_offsets.contiguous()
     _check_device(g, scales, csr_rows, csr_offsets)
     out = torch.empty(d, dtype=torch.float32, device=g.device)
-    return _launch_grad(g, out, scales, csr_rows, csr_offsets, D, d, (KEY_BIAS,) * 4 + (1, 1), False)
+    return _launch_grad_peft(g, out, scales, csr_rows, csr_offsets, D, d)
 
 
 MERGE_BLOCK = (32, 128)
@@ -583,12 +683,13 @@ __all__ = [
     "for_device",
     "grad_native",
     "grad_peft",
-    "grad_plan",
     "interpreted",
     "interpreter_enabled",
     "merge_delta",
+    "native_grad_plan",
     "native_indices",
     "native_permute",
+    "peft_grad_plan",
     "readout_native",
     "readout_peft",
     "refresh",
