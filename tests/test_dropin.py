@@ -75,6 +75,32 @@ def test_peft_names_work_on_the_adapted_model(tmp_path, capsys):
         adapter.merge()
 
 
+def test_an_adapted_model_pickles_with_its_peft_names_and_signature():
+    """``torch.save(model)`` of a whole adapted model (pickle) loads back computing the same outputs, with PEFT's
+    names bound to the loaded copy; ``forward``'s signature stays the model's own (Trainer keeps columns by it)."""
+    import copy
+    import inspect
+    import io
+
+    model = tiny_llama()
+    ids = tokens(model)
+    adapter = inject_adapter(model, UniLoraConfig(r=2, theta_d_length=120, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        adapter.theta_d.normal_()
+    adapted = output(model, ids)
+    assert {"input_ids", "labels", "attention_mask"} <= set(inspect.signature(model.forward).parameters)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    loaded = torch.load(io.BytesIO(buffer.getvalue()), weights_only=False)
+    for twin in (loaded, copy.deepcopy(model)):
+        assert torch.equal(output(twin, ids), adapted)
+        assert twin.forward.model is twin and twin.save_pretrained.args == (twin,)
+        with twin.disable_adapter():
+            assert not torch.equal(output(twin, ids), adapted)
+        assert twin.merge_and_unload() is twin and "forward" not in twin.__dict__
+    assert torch.equal(output(model, ids), adapted)  # the original is untouched
+
+
 def test_a_plain_trainer_saves_the_adapter_through_save_pretrained(tmp_path):
     from transformers import Trainer, TrainingArguments
 

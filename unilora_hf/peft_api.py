@@ -1,4 +1,4 @@
-"""PEFT's names on an adapted model, by composition: bound methods set on the model instance.
+"""PEFT's names on an adapted model, by composition: functions bound to the model instance.
 
 A PEFT user types ``model.print_trainable_parameters()``, ``with model.disable_adapter():``,
 ``model.merge_and_unload()`` or ``model.save_pretrained(dir)``. `install` sets these as attributes of the model
@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import types
 
 import torch
 import torch.nn as nn
@@ -199,31 +198,41 @@ def _expansion(model: nn.Module, kwargs: dict) -> int:
     return kwargs.get("num_return_sequences") or getattr(config, "num_return_sequences", 1) or 1
 
 
-def _wrap(model: nn.Module, name: str):
-    original = getattr(model, name)  # the class's method, or a wrapper someone set before (accelerate's)
+class _AdapterNamesCall:
+    """``model.<name>`` (forward or generate) that also takes PEFT's ``adapter_names=`` (one adapter per batch row)
+    and otherwise calls the method it wraps: the class's, or ``original``, an instance attribute set before ours
+    (accelerate's). ``__wrapped__`` is that method, so ``inspect.signature`` gives its parameters (Trainer keeps
+    dataset columns by them); set once as an attribute (read through a property, it recursed without end under
+    ``torch._dynamo.explain``). An instance pickles by the model, the name and ``original``, so an adapted model
+    pickles too."""
 
-    @functools.wraps(original)
-    def call(*args, adapter_names=None, **kwargs):
+    def __init__(self, model: nn.Module, name: str, original=None):
+        self.model, self.name, self.original = model, name, original
+        self.__wrapped__ = original if original is not None else getattr(type(model), name).__get__(model)
+
+    def __call__(self, *args, adapter_names=None, **kwargs):
+        method = self.__wrapped__
         if adapter_names is None:
-            return original(*args, **kwargs)
+            return method(*args, **kwargs)
         rows = list(adapter_names)
-        if name == "generate":
-            rows = [n for n in rows for _ in range(_expansion(model, kwargs))]
-        with _adapter(model).mixed_batch(rows):
-            return original(*args, **kwargs)
+        if self.name == "generate":
+            rows = [n for n in rows for _ in range(_expansion(self.model, kwargs))]
+        with _adapter(self.model).mixed_batch(rows):
+            return method(*args, **kwargs)
 
-    call.__unilora_wrapped__ = (name in model.__dict__, original)
-    return call
+    def __reduce__(self):
+        return _AdapterNamesCall, (self.model, self.name, self.original)
 
 
 def install(model: nn.Module) -> None:
     """Bind PEFT's names on ``model`` (the instance, not the class), and let ``forward``/``generate`` take PEFT's
-    ``adapter_names=`` (one adapter per batch row)."""
+    ``adapter_names=`` (one adapter per batch row). Each is a ``functools.partial`` of this module's function or an
+    ``_AdapterNamesCall``: both pickle (bound methods and closures in the instance's dict would not)."""
     for name in NAMES:
-        model.__dict__[name] = types.MethodType(globals()[name], model)
+        model.__dict__[name] = functools.partial(globals()[name], model)
     for name in WRAPPED:
         if hasattr(model, name):
-            model.__dict__[name] = _wrap(model, name)
+            model.__dict__[name] = _AdapterNamesCall(model, name, model.__dict__.get(name))
 
 
 def uninstall(model: nn.Module) -> None:
@@ -231,10 +240,8 @@ def uninstall(model: nn.Module) -> None:
         model.__dict__.pop(name, None)
     for name in WRAPPED:
         current = model.__dict__.get(name)
-        marker = getattr(current, "__unilora_wrapped__", None)
-        if marker is not None:
-            had, original = marker
-            if had:
-                model.__dict__[name] = original
+        if isinstance(current, _AdapterNamesCall):
+            if current.original is not None:
+                model.__dict__[name] = current.original
             else:
                 model.__dict__.pop(name, None)
