@@ -72,7 +72,7 @@ READOUT_LANES, READOUT_QUEUE, READOUT_WARPS = 64, 8, 1
 GRAD_TILE = 1024
 GRAD_TARGET_PROGRAMS = 1024
 # native Kernel B: lanes per program, rows a lane walks one after another where the columns have them, warps.
-# These and Kernel A's: the best of 54 and 33 settings at the 1.1B and 7B training D (d = 2^19) on an H200
+# These and Kernel A's: the best of 32 and 48 settings at the 1.1B and 7B training D (d = 2^19) on an H200
 # (benchmarks/RESULTS.md, session 15).
 GRAD_LANES, GRAD_MIN_SEGMENT, GRAD_WARPS = 32, 8, 1
 KEY_BIAS = 1 << 32
