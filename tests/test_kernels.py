@@ -122,6 +122,21 @@ def test_readout_range_crossing_blocks():
         readout(theta, P, 4000, 1001)
 
 
+def test_readout_with_the_compiled_lane_settings(monkeypatch):
+    """The interpreter's readout runs wider programs than CUDA's (`INTERPRETED_READOUT_*`); CUDA's settings, in the
+    interpreter: several programs, a partial last one, lanes whose outputs end at different passes."""
+    k = pk.for_device("cpu")
+    monkeypatch.setattr(k, "INTERPRETED_READOUT_LANES", k.READOUT_LANES)
+    monkeypatch.setattr(k, "INTERPRETED_READOUT_QUEUE", k.READOUT_QUEUE)
+    P = Projection.build("native", 8, 3 * k.READOUT_LANES * k.READOUT_QUEUE + 77, 301)  # D = 1,613 at 64 × 8
+    theta = torch.randn(P.d)
+    assert k._readout_launch(P.D)[0] == (4,)
+    with force_backend("triton"):
+        assert torch.equal(readout(theta, P), reference_readout(theta, P))
+        assert torch.equal(readout(theta, P, 500, 700), reference_readout(theta, P, 500, 700))
+        assert torch.equal(native_indices(P), P.indices(0, P.D))
+
+
 @pytest.mark.parametrize("D,d", [(3001, 7), (700, 260)])
 def test_wide_and_narrow_integer_paths_agree(monkeypatch, D, d):
     """Below 2^32 the native kernels run the permutation in uint32; the int64 form must give the same bits."""

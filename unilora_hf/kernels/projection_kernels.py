@@ -67,8 +67,11 @@ from . import triton_modes
 from ..projection import balanced_counts, correctly_rounded_rsqrt, feistel_bits, feistel_keys
 
 READOUT_BLOCK = 1024
-# Kernel A (native): lanes per program, outputs walked one after another per lane (``_readout_native_body``), warps
+# Kernel A (native): lanes per program, outputs walked one after another per lane (``_readout_native_body``), warps;
+# in the interpreter, where each pass costs the same for any number of lanes, fewer and wider programs (the output
+# bits do not depend on these)
 READOUT_LANES, READOUT_QUEUE, READOUT_WARPS = 64, 8, 1
+INTERPRETED_READOUT_LANES, INTERPRETED_READOUT_QUEUE = 1024, 4
 GRAD_TILE = 1024
 GRAD_TARGET_PROGRAMS = 1024
 # native Kernel B: lanes per program, rows a lane walks one after another where the columns have them, warps.
@@ -470,8 +473,13 @@ def native_permute(positions: torch.Tensor, seed: int, D: int, inverse: bool = F
     return out.view(positions.shape)
 
 
-def _readout_grid(count: int) -> tuple[int]:
-    return (triton.cdiv(count, READOUT_LANES * READOUT_QUEUE),)
+def _readout_launch(count: int) -> tuple[tuple[int], dict]:
+    """The grid and launch settings of the native Kernel A for ``count`` outputs."""
+    if interpreted():
+        lanes, queue = INTERPRETED_READOUT_LANES, INTERPRETED_READOUT_QUEUE
+    else:
+        lanes, queue = READOUT_LANES, READOUT_QUEUE
+    return (triton.cdiv(count, lanes * queue),), dict(LANES=lanes, QUEUE=queue, num_warps=READOUT_WARPS)
 
 
 def native_indices(seed: int, D: int, d: int, start: int, count: int, device: torch.device | str) -> torch.Tensor:
@@ -481,10 +489,10 @@ def native_indices(seed: int, D: int, d: int, start: int, count: int, device: to
     if count:
         q, rem, big, small = _native_scales(D, d)
         with _on_device(out.device):
-            _readout_native_kernel[_readout_grid(count)](
+            grid, launch = _readout_launch(count)
+            _readout_native_kernel[grid](
                 out, out, out, out, start, count, D, d, rem, big, small, *_native_args(seed, D),
-                WRITE_OUT=False, WRITE_IDX=True, GATED=False, NARROW=narrow(D), LANES=READOUT_LANES,
-                QUEUE=READOUT_QUEUE, num_warps=READOUT_WARPS,
+                WRITE_OUT=False, WRITE_IDX=True, GATED=False, NARROW=narrow(D), **launch,
             )
     return out
 
@@ -499,10 +507,10 @@ def readout_native(theta_d: torch.Tensor, seed: int, D: int, start: int = 0, cou
     if count:
         q, rem, big, small = _native_scales(D, d)
         with _on_device(theta.device):
-            _readout_native_kernel[_readout_grid(count)](
+            grid, launch = _readout_launch(count)
+            _readout_native_kernel[grid](
                 theta, out, out, out, start, count, D, d, rem, big, small, *_native_args(seed, D),
-                WRITE_OUT=True, WRITE_IDX=False, GATED=False, NARROW=narrow(D), LANES=READOUT_LANES,
-                QUEUE=READOUT_QUEUE, num_warps=READOUT_WARPS,
+                WRITE_OUT=True, WRITE_IDX=False, GATED=False, NARROW=narrow(D), **launch,
             )
     return out
 
@@ -540,10 +548,10 @@ def refresh(
         )
         if table is None:
             q, rem, big, small = _native_scales(D, d)
-            _readout_native_kernel[_readout_grid(out.numel())](
+            grid, launch = _readout_launch(out.numel())
+            _readout_native_kernel[grid](
                 theta_d, out, out, dirty, 0, out.numel(), D, d, rem, big, small, *_native_args(seed, D),
-                WRITE_OUT=True, WRITE_IDX=False, GATED=True, NARROW=narrow(D), LANES=READOUT_LANES,
-                QUEUE=READOUT_QUEUE, num_warps=READOUT_WARPS,
+                WRITE_OUT=True, WRITE_IDX=False, GATED=True, NARROW=narrow(D), **launch,
             )
         else:
             _readout_peft_kernel[(triton.cdiv(out.numel(), READOUT_BLOCK),)](
