@@ -156,17 +156,22 @@ def _unbias_keys(k0, k1, k2, k3):
 
 
 @triton.jit
-def _walk_from(x, k0, k1, k2, k3, h, mh, D, INVERSE: tl.constexpr, NARROW: tl.constexpr):
-    """π(x) (π⁻¹ when INVERSE) of int64 x in [0, D), int64. NARROW (D < 2^32): every value of the walk
-    and of the round function lies in [0, 2^32), so it runs in uint32, whose products wrap mod 2^32
-    exactly as the int64 form's masked ones do: the same bits at a fraction of the integer work."""
+def _narrowed(x, k0, k1, k2, k3, mh, D, NARROW: tl.constexpr):
+    """x, the keys, the half mask and D as uint32 when NARROW (D < 2^32), else unchanged (int64). Below 2^32 every
+    value of the walk and of the round function lies in [0, 2^32), and uint32 products wrap mod 2^32 exactly as the
+    int64 form's masked ones do: the same bits at a fraction of the integer work."""
     if NARROW:
-        y = _walk(x.to(tl.uint32), k0.to(tl.uint32), k1.to(tl.uint32), k2.to(tl.uint32), k3.to(tl.uint32),
-                  h, mh.to(tl.uint32), D.to(tl.uint32), INVERSE)
-        y = y.to(tl.int64)
+        return (x.to(tl.uint32), k0.to(tl.uint32), k1.to(tl.uint32), k2.to(tl.uint32), k3.to(tl.uint32),
+                mh.to(tl.uint32), D.to(tl.uint32))
     else:
-        y = _walk(x, k0, k1, k2, k3, h, mh, D, INVERSE)
-    return y
+        return x, k0, k1, k2, k3, mh, D
+
+
+@triton.jit
+def _walk_from(x, k0, k1, k2, k3, h, mh, D, INVERSE: tl.constexpr, NARROW: tl.constexpr):
+    """π(x) (π⁻¹ when INVERSE) of int64 x in [0, D), int64; in uint32 when NARROW (``_narrowed``)."""
+    x, k0, k1, k2, k3, mh, D = _narrowed(x, k0, k1, k2, k3, mh, D, NARROW)
+    return _walk(x, k0, k1, k2, k3, h, mh, D, INVERSE).to(tl.int64)
 
 
 @triton.jit(do_not_specialize=_SCALARS)
@@ -192,16 +197,6 @@ def _rounded(x, out_ptr):
         return high.to(tl.uint16).to(tl.bfloat16, bitcast=True)
     else:
         return x.to(out_ptr.dtype.element_ty)
-
-
-@triton.jit
-def _narrowed(x, k0, k1, k2, k3, mh, D, NARROW: tl.constexpr):
-    """x, the keys, the half mask and D as uint32 when NARROW (D < 2^32), else unchanged (int64)."""
-    if NARROW:
-        return (x.to(tl.uint32), k0.to(tl.uint32), k1.to(tl.uint32), k2.to(tl.uint32), k3.to(tl.uint32),
-                mh.to(tl.uint32), D.to(tl.uint32))
-    else:
-        return x, k0, k1, k2, k3, mh, D
 
 
 @triton.jit
