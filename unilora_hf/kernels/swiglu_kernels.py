@@ -15,10 +15,12 @@ Kernel G, backward:  with ``D = dA_base + gB_d A_d`` (float32; ``dA_base = g_y W
     g_g and g_u again for gB.
 
 Each program owns BM rows and loops over F in BF-column chunks, so the rank-r products over F accumulate in registers
-(float32) and are stored once. Every product accumulates in float32; float32 inputs are not taken (the caller keeps
-those on the unfused path). The pure-PyTorch reference of both kernels is ``lora_mlp.swiglu_forward_reference`` /
-``swiglu_backward_reference``; ``lora_mlp`` dispatches here on CUDA tensors (and on CPU tensors under
-``TRITON_INTERPRET=1``, the CI path).
+(float32) and are stored once. The loop is software-pipelined (``tl.range`` with num_stages): the M×F tiles of the
+next chunks are in flight while a chunk is computed. A plain ``range`` left those loads unpipelined, each waited for,
+and the kernels ran at about half of the pointwise kernels' bandwidth (benchmarks/RESULTS.md, session 16). Every
+product accumulates in float32; float32 inputs are not taken (the caller keeps those on the unfused path). The
+pure-PyTorch reference of both kernels is ``lora_mlp.swiglu_forward_reference`` / ``swiglu_backward_reference``;
+``lora_mlp`` dispatches here on CUDA tensors (and on CPU tensors under ``TRITON_INTERPRET=1``, the CI path).
 """
 
 from __future__ import annotations
@@ -109,13 +111,13 @@ def _forward_kernel(
     M, F, r, rd, span,
     s_gm, s_um, s_hm, s_bgf, s_buf, s_adr, s_am, s_hdg, s_hdm,
     UPCAST: tl.constexpr, R: tl.constexpr, RD: tl.constexpr, BM: tl.constexpr, BF: tl.constexpr,
-    EVEN: tl.constexpr,
+    EVEN: tl.constexpr, STAGES: tl.constexpr,
 ):
     group, rows, live_m, rr, live_r, hg, hu = _rows(h_ptr, s_hm, M, r, BM, R, EVEN)
     rd_ = tl.arange(0, RD)
     live_rd = rd_ < rd
     hd = tl.full((BM, RD), 0.0, tl.float32)
-    for f0 in range(group * span, tl.minimum(F, group * span + span), BF):
+    for f0 in tl.range(group * span, tl.minimum(F, group * span + span), BF, num_stages=STAGES):
         rf = f0 + tl.arange(0, BF)
         live_f = rf < F
         tile = live_m[:, None] & live_f[None, :]
@@ -137,7 +139,7 @@ def _backward_kernel(
     M, F, r, rd, span,
     s_dm, s_gbdm, s_adr, s_gm, s_um, s_hm, s_bgf, s_buf, s_ggm, s_gum, s_gbg, s_gbm,
     UPCAST: tl.constexpr, R: tl.constexpr, RD: tl.constexpr, BM: tl.constexpr, BF: tl.constexpr,
-    EVEN: tl.constexpr,
+    EVEN: tl.constexpr, STAGES: tl.constexpr,
 ):
     group, rows, live_m, rr, live_r, hg, hu = _rows(h_ptr, s_hm, M, r, BM, R, EVEN)
     rd_ = tl.arange(0, RD)
@@ -145,7 +147,7 @@ def _backward_kernel(
     gbd = _ld(gbd_ptr + rows * s_gbdm + rd_[None, :], live_m[:, None] & live_rd[None, :], EVEN)
     acc_g = tl.full((BM, R), 0.0, tl.float32)
     acc_u = tl.full((BM, R), 0.0, tl.float32)
-    for f0 in range(group * span, tl.minimum(F, group * span + span), BF):
+    for f0 in tl.range(group * span, tl.minimum(F, group * span + span), BF, num_stages=STAGES):
         rf = f0 + tl.arange(0, BF)
         live_f = rf < F
         tile = live_m[:, None] & live_f[None, :]
@@ -189,11 +191,11 @@ R_MAX = 64
 DTYPES = (torch.bfloat16, torch.float16)
 # (BM, BF, T, num_warps, num_stages): a program owns BM rows and T chunks of BF columns, so the grid has
 # ⌈M/BM⌉ · ⌈F/(T·BF)⌉ programs; with more than one column group the rank-r sums over F are float32 partials per group,
-# added in group order by one reduction (deterministic).
-# The best of 26–50 settings at the 1.1B training shape (M = 4,096, F = 5,632, r = 16) on an H200: Kernel F 60 µs,
-# Kernel G 105 µs (benchmarks/RESULTS.md, session 14).
-FORWARD_TILE = (128, 64, 11, 4, 3)
-BACKWARD_TILE = (64, 128, 11, 4, 2)
+# added in group order by one reduction (deterministic). num_stages is the depth of the loop's software pipeline.
+# The best of 12 settings at the 1.1B training shape (M = 4,096, F = 5,632, r = 16) on an H200: Kernel F 45 µs,
+# Kernel G 73 µs (benchmarks/RESULTS.md, session 16).
+FORWARD_TILE = (64, 128, 11, 4, 3)
+BACKWARD_TILE = (64, 64, 44, 4, 4)
 _INTERPRETED = (16, 32, 2, 1, 1)
 
 
@@ -302,7 +304,8 @@ def forward(gate: torch.Tensor, up: torch.Tensor, h: torch.Tensor, Bg: torch.Ten
     a = gate.new_empty((M, F))
     hd, s_hdg = _sums(gate, groups, M, rd)
     tail = (M, F, r, rd, span, gate.stride(0), up.stride(0), h.stride(0), Bg.stride(0), Bu.stride(0), Ad.stride(0),
-            a.stride(0), s_hdg, rd, interpreted(), _padded(r), _padded(rd), tile[0], tile[1], _even(M, F, r, rd, tile))
+            a.stride(0), s_hdg, rd, interpreted(), _padded(r), _padded(rd), tile[0], tile[1], _even(M, F, r, rd, tile),
+            tile[4])
     _launch(_FORWARD, key, inputs, (a, hd), programs, (*inputs, a, hd, *tail), tile,
             (M, F, rd, groups, programs, tail))
     return a, _rank_sums(hd, groups, gate.dtype)
@@ -335,7 +338,7 @@ def backward(da_base: torch.Tensor, gBd: torch.Tensor, Ad: torch.Tensor, gate: t
     gb, s_gbg = _sums(gate, groups, M, 2 * r)
     tail = (M, F, r, rd, span, da_base.stride(0), gBd.stride(0), Ad.stride(0), gate.stride(0), up.stride(0),
             h.stride(0), Bg.stride(0), Bu.stride(0), gg.stride(0), gu.stride(0), s_gbg, 2 * r,
-            interpreted(), _padded(r), _padded(rd), tile[0], tile[1], _even(M, F, r, rd, tile))
+            interpreted(), _padded(r), _padded(rd), tile[0], tile[1], _even(M, F, r, rd, tile), tile[4])
     _launch(_BACKWARD, key, inputs, (gg, gu, gb), programs, (*inputs, gg, gu, gb, *tail), tile,
             (M, F, r, groups, programs, tail))
     return gg, gu, _rank_sums(gb, groups, gate.dtype)
