@@ -192,8 +192,8 @@ DTYPES = (torch.bfloat16, torch.float16)
 # (BM, BF, T, num_warps, num_stages): a program owns BM rows and T chunks of BF columns, so the grid has
 # ⌈M/BM⌉ · ⌈F/(T·BF)⌉ programs; with more than one column group the rank-r sums over F are float32 partials per group,
 # added in group order by one reduction (deterministic). num_stages is the depth of the loop's software pipeline.
-# The best of 12 settings at the 1.1B training shape (M = 4,096, F = 5,632, r = 16) on an H200: Kernel F 45 µs,
-# Kernel G 73 µs (benchmarks/RESULTS.md, session 16).
+# The best of 27 (F) and 32 (G) settings in two sweeps at the 1.1B training shape (M = 4,096, F = 5,632, r = 16) on
+# an H200: Kernel F 45 µs, Kernel G 73 µs (benchmarks/RESULTS.md, session 16).
 FORWARD_TILE = (64, 128, 11, 4, 3)
 BACKWARD_TILE = (64, 64, 44, 4, 4)
 _INTERPRETED = (16, 32, 2, 1, 1)
