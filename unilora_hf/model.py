@@ -213,7 +213,10 @@ class UniLoraAdapter:
         self.enabled = True
         self.detached = False
         self.base_model_revision = None
-        self._split_sizes = [n for spec in layers for n in spec.split_sizes]
+        # How θ_D splits into the layers' (A, B): sizes, then each layer's (r, in, out). One tuple of constants, so
+        # that a compiled readout guards on it once, not on every size and every spec's fields.
+        self._split_plan = (tuple(n for spec in layers for n in spec.split_sizes),
+                            tuple((s.r, s.in_features, s.out_features) for s in layers))
         self._bias_originals: dict[str, torch.Tensor] = {}
         self._layer_modules: list | None = None
         self._requires_grad_before: list[tuple[nn.Parameter, bool]] = []
@@ -224,6 +227,8 @@ class UniLoraAdapter:
         self._hooks: list = []
         self._forward_depth = 0
         self._training_pass = False
+        self._readout_pending = False  # a compiled training pass: the forward's frame reads out (`forward_pass`)
+        self._checkpointed: list[nn.Module] = []  # modules with transformers' ``gradient_checkpointing`` switch
         self._theta_D: torch.Tensor | None = None
         self._views: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self._refreshed: dict[tuple, bool] = {}  # the kept θ_D refreshed in this (compiled) pass, per key
@@ -245,32 +250,66 @@ class UniLoraAdapter:
     # any change of θ_d, in place or through .data, is seen by the next pass, and a captured CUDA graph
     # replays the comparison (kernels.readout_cache). Layers called outside a root pass, or re-run by
     # activation checkpointing inside backward, read their own slice instead.
+    #
+    # Compiled, each root hook is a frame of its own (Dynamo traces the model's forward apart from them). A readout
+    # in the pre-hook's frame would leave its graph as θ_D and one output per layer view, which AOT autograd and
+    # CUDA graph trees rebuild at every step (host time the GPU waits for when each step is synchronised). So in a
+    # compiled training pass the pre-hook only marks the readout pending, and `forward_pass`, which the root's
+    # ``forward`` runs (``peft_api``), reads out inside the forward's graph and drops the views before that frame
+    # ends. A layer reached otherwise reads out when it first asks (`lora_pair`). Under transformers' activation
+    # checkpointing the pre-hook still reads out: there the model's forward breaks the graph before its first layer
+    # (a logged warning on ``use_cache``), so the readout would be a graph of its own either way.
     def _open_pass(self, module, args):
         if self._forward_depth == 0:
             self._training_pass = torch.is_grad_enabled() and self.theta_d.requires_grad
             self._theta_D = None
             self._views = {}
             self._refreshed = {}
+            self._readout_pending = False
             if self._training_pass:
                 self._static = {}
         self._forward_depth += 1
         if self._forward_depth == 1 and self.enabled:
-            layer = self._first_adapted_layer()
-            if layer is None or layer.merged:
+            if self._training_pass and torch.compiler.is_compiling() and not self._checkpointing():
+                self._readout_pending = True
                 return
-            weight = layer.base_layer.weight
-            device = weight.device
-            if torch.is_autocast_enabled(device.type):  # the dtype the layers will ask for
-                dtype = torch.get_autocast_dtype(device.type)
-            elif weight.is_floating_point():
-                dtype = weight.dtype
-            else:  # a quantized base reads out lazily, in its compute dtype
-                return
-            if self._training_pass:  # read out now, outside any activation-checkpointed block
-                self.lora_pair(layer_constants(layer), device, dtype)
-            elif not torch.compiler.is_compiling():
-                # made here, so that a compiled forward whose root hooks run outside it finds the kept θ_D
-                self._kept_theta_D(device, dtype)
+            self._read_out_for_pass()
+
+    def forward_pass(self, method, args, kwargs):
+        """``method(*args, **kwargs)``, the root's forward inside a compiled frame: a pending readout (`_open_pass`)
+        happens here first, outside any activation-checkpointed block, and θ_D's views are dropped before the frame
+        ends, so that no tensor of the pass leaves the forward's graph through this object."""
+        if self._readout_pending:
+            self._readout_pending = False
+            self._views = {}  # made in this frame: a dict from before it, filled here, would be an output
+            self._read_out_for_pass()
+        output = method(*args, **kwargs)
+        if self._forward_depth == 1:
+            self._theta_D = None
+            self._views = {}
+        return output
+
+    def _checkpointing(self) -> bool:
+        return any(m.gradient_checkpointing is True for m in self._checkpointed)
+
+    def _read_out_for_pass(self) -> None:
+        """At the start of a root pass: read θ_D out now (training), or make the kept θ_D (inference, eager)."""
+        layer = self._first_adapted_layer()
+        if layer is None or layer.merged:
+            return
+        weight = layer.base_layer.weight
+        device = weight.device
+        if torch.is_autocast_enabled(device.type):  # the dtype the layers will ask for
+            dtype = torch.get_autocast_dtype(device.type)
+        elif weight.is_floating_point():
+            dtype = weight.dtype
+        else:  # a quantized base reads out lazily, in its compute dtype
+            return
+        if self._training_pass:  # read out now, outside any activation-checkpointed block
+            self.lora_pair(layer_constants(layer), device, dtype)
+        elif not torch.compiler.is_compiling():
+            # made here, so that a compiled forward whose root hooks run outside it finds the kept θ_D
+            self._kept_theta_D(device, dtype)
 
     def _close_pass(self, module, args, output):
         self._forward_depth = max(0, self._forward_depth - 1)
@@ -294,6 +333,7 @@ class UniLoraAdapter:
         """Found once after injection, not lazily in the first pass: a compiled pass guards on these."""
         self._layer_modules = [m for _, m in self.wrapped_layers()]
         self._first_layer = self._layer_modules[0] if self._layer_modules else None
+        self._checkpointed = [m for m in self.model.modules() if hasattr(m, "gradient_checkpointing")]
         self._group_siblings(True)
         self._fuse_swiglu(True)
 
@@ -339,9 +379,9 @@ class UniLoraAdapter:
         return self._first_layer
 
     def _split(self, flat: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        parts = torch.split(flat, self._split_sizes)
-        return [(parts[2 * i].view(s.r, s.in_features), parts[2 * i + 1].view(s.out_features, s.r))
-                for i, s in enumerate(self.layers)]
+        sizes, shapes = self._split_plan
+        parts = torch.split(flat, sizes)
+        return [(parts[2 * i].view(r, n_in), parts[2 * i + 1].view(n_out, r)) for i, (r, n_in, n_out) in enumerate(shapes)]
 
     def lora_pair(
         self, constants: tuple, device: torch.device, dtype: torch.dtype
