@@ -276,17 +276,18 @@ class UniLoraAdapter:
             self._read_out_for_pass()
 
     def forward_pass(self, method, args, kwargs):
-        """``method(*args, **kwargs)``, the root's forward inside a compiled frame: a pending readout (`_open_pass`)
-        happens here first, outside any activation-checkpointed block, and θ_D's views are dropped before the frame
-        ends, so that no tensor of the pass leaves the forward's graph through this object."""
-        if self._readout_pending:
-            self._readout_pending = False
-            self._views = {}  # made in this frame: a dict from before it, filled here, would be an output
-            self._read_out_for_pass()
+        """``method(*args, **kwargs)``, the root's forward inside a compiled frame. With a readout pending
+        (`_open_pass`) θ_D is read out here first, outside any activation-checkpointed block, into a dict made in
+        this frame, and the views are dropped before the frame ends, so that no tensor of the pass leaves the
+        forward's graph through this object. Otherwise (inference, activation checkpointing) the plain call."""
+        if not self._readout_pending:
+            return method(*args, **kwargs)
+        self._readout_pending = False
+        self._views = {}  # a dict from before this frame, filled here, would be a graph output
+        self._read_out_for_pass()
         output = method(*args, **kwargs)
-        if self._forward_depth == 1:
-            self._theta_D = None
-            self._views = {}
+        self._theta_D = None
+        self._views = {}
         return output
 
     def _checkpointing(self) -> bool:
