@@ -382,7 +382,8 @@ class UniLoraAdapter:
     def _split(self, flat: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         sizes, shapes = self._split_plan
         parts = torch.split(flat, sizes)
-        return [(parts[2 * i].view(r, n_in), parts[2 * i + 1].view(n_out, r)) for i, (r, n_in, n_out) in enumerate(shapes)]
+        return [(parts[2 * i].view(r, n_in), parts[2 * i + 1].view(n_out, r))
+                for i, (r, n_in, n_out) in enumerate(shapes)]
 
     def lora_pair(
         self, constants: tuple, device: torch.device, dtype: torch.dtype
