@@ -47,7 +47,10 @@ timed as ``warmup_s``); then ``--rounds`` rounds (default 3) each run ``--steps`
 turn (A B C A B C ...), so host drift hits every row alike. Reported per variant: the median and minimum over
 all timed steps and the spread of the per-round medians; ratios to the floor of the same mode. Rows default
 to floor, peft_lora, unilora_hf. With reduce-overhead each step begins with
-``torch.compiler.cudagraph_mark_step_begin()``.
+``torch.compiler.cudagraph_mark_step_begin()``. ``--queued``: in every round each variant also runs ``--steps``
+steps back to back with one synchronisation at the end (reported per step as ``queued_ms``, with its ratio to the
+floor). A synchronised step (``Trainer`` synchronises each step) includes the host time before its first kernel;
+queued steps overlap it with the GPU's work of the steps before, so their ratio is the GPU's.
 
     python benchmarks/train_step.py --compile default --out results/train_compile_1b.json
 """
@@ -55,6 +58,7 @@ to floor, peft_lora, unilora_hf. With reduce-overhead each step begins with
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import common
@@ -91,6 +95,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="compile every row with this torch.compile mode and interleave the rows (see above)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds with --compile (default 3)")
     p.add_argument("--no-eager", action="store_true", help="with --compile: no eager twin of each row")
+    p.add_argument("--queued", action="store_true",
+                   help="with --compile: also time --steps steps queued with one synchronisation (see above)")
     args = p.parse_args(argv)
     if args.compile is not None and args.only is None:
         args.only = "floor,peft_lora,unilora_hf"
@@ -113,6 +119,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--steps and --rounds must be >= 1 and --warmup >= 0")
     if args.compile is not None and args.profile is not None:
         p.error("--profile profiles the eager rows: run it without --compile")
+    if args.queued and args.compile is None:
+        p.error("--queued times the interleaved rounds of --compile")
     return args
 
 
@@ -238,7 +246,7 @@ def run_interleaved(args, cfg, device, dtype, ids, record: dict) -> None:
                 before = common.param_sample(v["params"])
                 seconds, _ = common.timed(lambda v=v: [v["step"]() for _ in range(max(args.warmup, 1))], device)
                 v["rec"]["warmup_s"] = seconds
-                v["before"], v["times"], v["rounds"] = before, [], []
+                v["before"], v["times"], v["rounds"], v["queued"] = before, [], [], []
                 variants.append((name, v))
             except Exception as exc:  # a row that cannot compile is reported, the others still run
                 import traceback
@@ -251,6 +259,9 @@ def run_interleaved(args, cfg, device, dtype, ids, record: dict) -> None:
                 continue
             try:
                 times = [common.timed(v["step"], device)[0] for _ in range(args.steps)]
+                if args.queued:
+                    seconds, _ = common.timed(lambda v=v: [v["step"]() for _ in range(args.steps)], device)
+                    v["queued"].append(1e3 * seconds / args.steps)
             except Exception as exc:
                 v["rec"]["error"] = f"{type(exc).__name__}: {exc}"
                 continue
@@ -263,6 +274,9 @@ def run_interleaved(args, cfg, device, dtype, ids, record: dict) -> None:
                 rec.update(common.summary_ms(v["times"]))
                 rec["round_medians_ms"] = v["rounds"]
                 rec["spread_pct"] = 100 * (max(v["rounds"]) - min(v["rounds"])) / rec["median_ms"]
+                if v["queued"]:
+                    rec["queued_round_ms"] = v["queued"]
+                    rec["queued_ms"] = statistics.median(v["queued"])
             record["rows"][name] = rec
         common.write_json(args.out, record)  # a run cut short still leaves the rounds done so far
     for name, v in variants:
@@ -312,7 +326,7 @@ def _main(args) -> dict:
     print(f"train_step: {record['settings']}\nenvironment: {record['environment']}", flush=True)
     t_all = time.perf_counter()
     if args.compile is not None:
-        record["settings"].update(compile=args.compile, rounds=args.rounds, interleaved=True)
+        record["settings"].update(compile=args.compile, rounds=args.rounds, interleaved=True, queued=args.queued)
         run_interleaved(args, cfg, device, dtype, ids, record)
         record["total_s"] = time.perf_counter() - t_all
         add_compiled_ratios(record)
@@ -365,6 +379,8 @@ def add_compiled_ratios(record: dict) -> None:
             other = rows.get(f"{ref}@{mode}", {})
             if "median_ms" in other:
                 rec[f"step_vs_{ref}"] = rec["median_ms"] / other["median_ms"]
+            if "queued_ms" in rec and "queued_ms" in other:
+                rec[f"queued_vs_{ref}"] = rec["queued_ms"] / other["queued_ms"]
     mode = record["settings"]["compile"]
     ours, eager = rows.get(f"unilora_hf@{mode}", {}), rows.get("unilora_hf@eager", {})
     targets = {}
@@ -384,6 +400,9 @@ def print_compiled_table(record: dict) -> None:
           f"d = {s['d']:,}; {env['device_name']}\n")
     headers = ["run", "step ms (median)", "step ms (min)", "round medians ms", "spread %", "warm-up s (compile)",
                "x floor (same mode)", "x PEFT LoRA (same mode)"]
+    queued = s.get("queued", False)
+    if queued:
+        headers += ["queued step ms (median of rounds)", "queued x floor"]
     table = []
     for name, rec in record["rows"].items():
         if "median_ms" not in rec:
@@ -391,7 +410,8 @@ def print_compiled_table(record: dict) -> None:
             continue
         table.append([rec["label"], rec["median_ms"], rec["min_ms"],
                       " / ".join(f"{m:.1f}" for m in rec["round_medians_ms"]), rec["spread_pct"], rec.get("warmup_s"),
-                      rec.get("step_vs_floor"), rec.get("step_vs_peft_lora")])
+                      rec.get("step_vs_floor"), rec.get("step_vs_peft_lora")]
+                     + ([rec.get("queued_ms"), rec.get("queued_vs_floor")] if queued else []))
     print(common.markdown_table(headers, table))
     if record["targets"]:
         print("\nProject targets: " + "; ".join(f"{k}: {'met' if v else 'MISSED'}" for k, v in record["targets"].items()))

@@ -210,14 +210,18 @@ def test_train_step_compiled_and_interleaved(tmp_path):
     out = tmp_path / "compiled.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run([sys.executable, str(BENCH / "train_step.py"), "--tiny", "--compile", "default", "--rounds",
-                           "2", "--out", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+                           "2", "--queued", "--out", str(out)], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     rec = json.loads(out.read_text())
     rows = rec["rows"]
     assert list(rows) == [f"{k}@{m}" for k in ("floor", "peft_lora", "unilora_hf") for m in ("eager", "default")]
     for name, row in rows.items():
         assert len(row["round_medians_ms"]) == 2 and len(row["all_ms"]) == 2 * rec["settings"]["steps"]
-        assert row["step_vs_floor"] == pytest.approx(row["median_ms"] / rows[f"floor@{name.split('@')[1]}"]["median_ms"])
+        floor = rows[f"floor@{name.split('@')[1]}"]
+        assert row["step_vs_floor"] == pytest.approx(row["median_ms"] / floor["median_ms"])
+        assert len(row["queued_round_ms"]) == 2 and all(ms > 0 for ms in row["queued_round_ms"])
+        assert row["queued_vs_floor"] == pytest.approx(row["queued_ms"] / floor["queued_ms"])
         if not name.startswith("floor"):
             assert row["params_moved"] is True
     assert set(rec["targets"]) == {"compiled step <= 1.15 x compiled floor", "compiled step < compiled PEFT LoRA",
@@ -255,6 +259,9 @@ def test_bad_arguments_are_named(capsys):
     with pytest.raises(SystemExit):
         train_step.parse_args(["--out", "x.json", "--only", "floor", "--profile", "unilora_hf"])
     assert "--profile 'unilora_hf' must be one of the rows being run" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train_step.parse_args(["--out", "x.json", "--queued"])
+    assert "--queued times the interleaved rounds of --compile" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         load.parse_args(["--out", "x.json", "--ranks", "4,zero"])
     assert "give comma-separated positive integers" in capsys.readouterr().err
