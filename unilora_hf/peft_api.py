@@ -203,9 +203,10 @@ class _AdapterNamesCall:
     and otherwise calls the method it wraps: the class's, or ``original``, an instance attribute set before ours
     (accelerate's). ``__wrapped__`` is that method, so ``inspect.signature`` gives its parameters (Trainer keeps
     dataset columns by them); set once as an attribute (read through a property, it recursed without end under
-    ``torch._dynamo.explain``). Compiled, ``forward`` runs through the adapter's ``forward_pass`` (θ_D read out in
-    the forward's graph). An instance pickles by the model, the name and ``original``, so an adapted model pickles
-    too."""
+    ``torch._dynamo.explain``). Compiled with autograd on, ``forward`` runs through the adapter's ``forward_pass``
+    (a training pass reads θ_D out in the forward's graph); a compiled inference call reads nothing of the adapter
+    here (no guard of its own at every decoded token). An instance pickles by the model, the name and
+    ``original``, so an adapted model pickles too."""
 
     def __init__(self, model: nn.Module, name: str, original=None):
         self.model, self.name, self.original = model, name, original
@@ -214,8 +215,8 @@ class _AdapterNamesCall:
     def __call__(self, *args, adapter_names=None, **kwargs):
         method = self.__wrapped__
         if adapter_names is None:
-            if self.name == "forward" and torch.compiler.is_compiling():
-                return _adapter(self.model).forward_pass(method, args, kwargs)
+            if self.name == "forward" and torch.is_grad_enabled() and torch.compiler.is_compiling():
+                return _adapter(self.model).forward_pass(method, args, kwargs)  # a readout may be pending
             return method(*args, **kwargs)
         rows = list(adapter_names)
         if self.name == "generate":
