@@ -334,7 +334,9 @@ class UniLoraAdapter:
         """Found once after injection, not lazily in the first pass: a compiled pass guards on these."""
         self._layer_modules = [m for _, m in self.wrapped_layers()]
         self._first_layer = self._layer_modules[0] if self._layer_modules else None
-        self._checkpointed = [m for m in self.model.modules() if hasattr(m, "gradient_checkpointing")]
+        # transformers' models set the switch in __init__ (their layers inherit it from a class): the model whose
+        # forward reads it before its first layer. One module to guard on, not one per decoder layer.
+        self._checkpointed = [m for m in self.model.modules() if "gradient_checkpointing" in m.__dict__]
         self._group_siblings(True)
         self._fuse_swiglu(True)
 
