@@ -120,7 +120,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.compile is not None and args.profile is not None:
         p.error("--profile profiles the eager rows: run it without --compile")
     if args.queued and args.compile is None:
-        p.error("--queued times the interleaved rounds of --compile")
+        p.error("--queued times the interleaved rounds of --compile: add --compile MODE (default, reduce-overhead, ...)")
     return args
 
 
